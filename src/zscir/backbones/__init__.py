@@ -1,0 +1,83 @@
+"""Encoders: one contract (:class:`Encoder`) over open_clip and Hugging Face models.
+
+``build_encoder(**backbone_config)`` is the one way to construct an encoder from a config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from zscir.backbones.base import PLACEHOLDER, Encoder, random_keep
+from zscir.backbones.errors import BackboneLoadError
+
+__all__ = [
+    "PLACEHOLDER",
+    "BackboneLoadError",
+    "Encoder",
+    "backbone_fingerprint",
+    "build_encoder",
+    "random_keep",
+]
+
+#: config keys that only matter to the application (how to provision weights), not to the model.
+_APP_KEYS = ("name", "train_recipe")
+
+
+def build_encoder(
+    kind: str,
+    model: str,
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+    init_seed: int = 0,
+    cache_dir: str | None = None,
+    **extra: object,
+) -> Encoder:
+    """Build an encoder from a backbone config.
+
+    Args:
+        kind: ``open_clip`` or ``hf_clip`` (``hf_blip`` once registered by the BLIP module).
+        model: architecture name (open_clip), hub name or local directory (HF), or ``tiny``.
+        pretrained: open_clip pretrained tag or weights file (ignored by HF kinds).
+        checkpoint: a state dict file loaded on top of the model (e.g. a zscir-trained backbone).
+        init_seed: seed for random-init weights, so rebuilding gives identical parameters.
+        cache_dir: weights cache folder.
+    """
+    for key in _APP_KEYS:
+        extra.pop(key, None)
+    if checkpoint and not Path(checkpoint).expanduser().is_file():
+        raise BackboneLoadError(f"backbone checkpoint {checkpoint!r} does not exist")
+    if kind == "open_clip":
+        from zscir.backbones.open_clip_encoder import build_open_clip
+
+        return build_open_clip(
+            model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            init_seed=init_seed,
+            cache_dir=cache_dir,
+            **extra,
+        )
+    if extra:
+        raise TypeError(f"unexpected backbone options for kind={kind!r}: {sorted(extra)}")
+    if kind == "hf_clip":
+        from zscir.backbones.hf_clip_encoder import build_hf_clip
+
+        return build_hf_clip(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir)
+    raise BackboneLoadError(f"unknown backbone kind {kind!r}; expected one of: open_clip, hf_clip")
+
+
+def backbone_fingerprint(config: dict) -> str:
+    """A short, stable id of the weights a backbone config loads (for caches and checkpoint checks).
+
+    Local weight files contribute their size and modification time, so replacing a file changes it.
+    """
+    relevant = {k: v for k, v in sorted(config.items()) if k not in _APP_KEYS and k != "cache_dir"}
+    for key in ("checkpoint", "pretrained", "model"):
+        value = relevant.get(key)
+        if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):
+            st = os.stat(os.path.expanduser(value))
+            relevant[key + "_stat"] = [st.st_size, int(st.st_mtime)]
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Hydra entry points: thin wrappers around ``train(cfg)``, ``evaluate(cfg)`` and friends."""

@@ -1,0 +1,162 @@
+"""Training corpora: image–caption pairs and caption-only text.
+
+Image–caption corpora are webdataset-style tar shards (``<key>.jpg|png|webp`` + ``<key>.txt``, as
+CC3M/img2dataset write them). Shards are indexed once (member offsets and captions) and the index is
+stored next to them, so the dataset is map-style: shuffling, DDP sharding and exact resume all work
+through the ordinary samplers, and an image is read with one seek.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from zscir.data.benchmarks.base import DatasetLayoutError, ImageLoadError, ImageRef, load_rgb
+from zscir.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    key: str
+    image: ImageRef
+    caption: str
+
+
+def expand_shards(spec: str | Path) -> list[Path]:
+    """Shard files from a directory, a glob, or a brace range (``shard-{00000..00099}.tar``)."""
+    spec = str(spec)
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if match:
+        lo, hi = match.group(1), match.group(2)
+        paths = [
+            Path(spec[: match.start()] + f"{i:0{len(lo)}d}" + spec[match.end() :])
+            for i in range(int(lo), int(hi) + 1)
+        ]
+    elif Path(spec).expanduser().is_dir():
+        paths = sorted(Path(spec).expanduser().glob("*.tar"))
+    else:
+        paths = sorted(Path().glob(spec)) if any(c in spec for c in "*?[") else [Path(spec)]
+    paths = [p.expanduser() for p in paths]
+    missing = [p for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise DatasetLayoutError(
+            f"no tar shards found for {spec!r}"
+            + (f" (missing: {[str(m) for m in missing[:3]]})" if missing else "")
+            + "\nExpected webdataset shards with <key>.jpg/.png + <key>.txt members (img2dataset output format)."
+        )
+    return paths
+
+
+def index_shard(path: Path) -> list[CaptionedImage]:
+    """Scan one tar shard's headers; read only the (small) caption members."""
+    images: dict[str, ImageRef] = {}
+    captions: dict[str, str] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            key, _, ext = name.partition(".")
+            ext = "." + ext.lower()
+            if ext in IMAGE_EXTENSIONS:
+                images[key] = ImageRef(key, path, span=(member.offset_data, member.size))
+            elif ext == ".txt":
+                captions[key] = tar.extractfile(member).read().decode("utf-8").strip()
+    return [CaptionedImage(k, images[k], captions[k]) for k in images if k in captions]
+
+
+def load_image_caption_corpus(spec: str | Path) -> list[CaptionedImage]:
+    """All (image, caption) samples of a set of shards, using/refreshing the cached index per shard."""
+    samples: list[CaptionedImage] = []
+    for shard in tqdm(expand_shards(spec), desc="indexing shards", leave=False):
+        index_file = shard.with_name(shard.name + ".zscir-index.json")
+        stat = shard.stat()
+        stamp = {"version": INDEX_VERSION, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+        entries = None
+        if index_file.is_file():
+            try:
+                cached = json.loads(index_file.read_text())
+                if cached["stamp"] == stamp:
+                    entries = [
+                        CaptionedImage(k, ImageRef(k, shard, span=tuple(span)), c)
+                        for k, span, c in cached["samples"]
+                    ]
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring unreadable shard index %s", index_file)
+        if entries is None:
+            entries = index_shard(shard)
+            with contextlib.suppress(OSError):  # read-only dataset folder: the index is just not cached
+                atomic_write_json(
+                    index_file,
+                    {"stamp": stamp, "samples": [[e.key, list(e.image.span), e.caption] for e in entries]},
+                    indent=None,
+                )
+        samples.extend(entries)
+    if not samples:
+        raise DatasetLayoutError(f"{spec}: the shards hold no (image, .txt caption) pairs")
+    return samples
+
+
+class ImageCaptionDataset(Dataset):
+    """``{"index", "pixels", "caption"}``; an unreadable image yields None (skipped by the collate function)."""
+
+    def __init__(self, samples: list[CaptionedImage], transform: Callable):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict | None:
+        s = self.samples[i]
+        try:
+            image = load_rgb(s.image.path, span=s.image.span)
+        except ImageLoadError as err:
+            log.warning("skipping sample %s: %s", s.key, err)
+            return None
+        return {"index": i, "pixels": self.transform(image), "caption": s.caption}
+
+
+def collate_skip_none(items: list[dict | None]) -> dict:
+    """Default collation of the readable samples; ``skipped`` counts the unreadable ones."""
+    good = [it for it in items if it is not None]
+    if not good:
+        return {"skipped": len(items)}
+    batch = torch.utils.data.default_collate(good)
+    batch["skipped"] = len(items) - len(good)
+    return batch
+
+
+def load_text_corpus(path: str | Path) -> list[str]:
+    """Captions from a ``.txt`` file (one per line; blank lines skipped)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DatasetLayoutError(f"text corpus {file} does not exist")
+    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class TextDataset(Dataset):
+    """``{"index", "caption"}`` over a list of captions."""
+
+    def __init__(self, captions: list[str]):
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "caption": self.captions[i]}

@@ -1,0 +1,319 @@
+"""The shared base of every method: one retrieval contract and one evaluation loop.
+
+A method implements :meth:`RetrievalMethod.compose` (query features from reference images and
+caption texts) and, if it trains, :meth:`training_step`. Everything about evaluation — gallery
+encoding (sharded over ranks, cached on disk when the image tower is unchanged), query encoding
+through Lightning's validation/test loops, gathering and de-duplicating across ranks, scoring,
+logging ``val/<benchmark>/<metric>`` — lives here, so no method re-implements it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import MISSING, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from zscir.backbones import Encoder, backbone_fingerprint, build_encoder
+from zscir.data.benchmarks.base import Benchmark
+from zscir.data.eval_data import GalleryDataset, QueryDataset, collate_queries
+from zscir.metrics.modules import BenchmarkMetric
+from zscir.retrieval.cache import GalleryCache, cache_key
+from zscir.retrieval.search import normalize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (``constant``, ``linear`` or ``cosine`` decay after warm-up)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    fused: bool | None = None
+
+
+@dataclass
+class MethodConfig:
+    """Keys every method config has; subclasses add their hyper-parameters."""
+
+    name: str = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def parse_config(schema: type, config: dict | Any) -> Any:
+    """Validate ``config`` against a dataclass ``schema``: unknown keys and wrong types fail by name."""
+    merged = OmegaConf.merge(
+        OmegaConf.structured(schema),
+        OmegaConf.create(dict(config)) if not OmegaConf.is_config(config) else config,
+    )
+    return OmegaConf.to_object(merged)
+
+
+class RetrievalMethod(L.LightningModule):
+    """Base LightningModule for zero-shot composed image retrieval methods.
+
+    Args:
+        backbone: the backbone config (``build_encoder`` kwargs).
+        config: the method config, validated against :attr:`Config`.
+    """
+
+    Config: type = MethodConfig
+    #: towers the method never trains; kept frozen and in eval mode, and left out of checkpoints
+    frozen_towers: tuple[str, ...] = ("image", "text")
+
+    def __init__(self, backbone: dict, config: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = parse_config(self.Config, config)
+        self.backbone_cfg = dict(backbone)
+        self.encoder: Encoder = build_encoder(**self.backbone_cfg)
+        for tower in self.frozen_towers:
+            self.encoder.set_tower_trainable(tower, False)
+        towers = {id(p) for t in ("image", "text") for p in self.encoder.tower_parameters(t)}
+        for (
+            p
+        ) in self.encoder.parameters():  # e.g. the library's own logit_scale: methods own their temperature
+            if id(p) not in towers:
+                p.requires_grad_(False)
+        self.benchmarks: list[Benchmark] = []
+        self.eval_batch_size, self.eval_workers = 64, 0
+        self.gallery_cache: GalleryCache | None = None
+        #: identifies weights loaded from a checkpoint (part of the gallery cache key)
+        self.weights_tag = ""
+        #: set once this process has trained the image tower: its gallery features are then never cached
+        self.image_tower_trained = False
+        self._metrics: list[BenchmarkMetric] = []
+        #: {benchmark name: {"metrics": ..., "features": (query, gallery)}} after each evaluation
+        self.eval_results: dict[str, dict] = {}
+
+    # ---- the retrieval contract ---------------------------------------------------------------
+    def compose(self, batch: dict) -> Tensor:
+        """Query features [B, D] from ``batch["pixels"]`` (reference images) and ``batch["texts"]``."""
+        raise NotImplementedError
+
+    def encode_gallery(self, pixels: Tensor) -> Tensor:
+        """Gallery features [B, D]; the image tower by default."""
+        return self.encoder.encode_image(pixels)
+
+    @property
+    def trains(self) -> bool:
+        """Whether the method has anything to train (zero-shot baselines do not)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    # ---- training plumbing --------------------------------------------------------------------
+    def train(self, mode: bool = True) -> RetrievalMethod:
+        super().train(mode)
+        for tower in self.frozen_towers:  # Lightning calls train() on everything; frozen towers stay in eval
+            for module in self.encoder.tower_modules(tower):
+                module.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        self.train()  # Lightning keeps modules in the mode it finds them; trainable parts must train
+        if any(p.requires_grad for p in self.encoder.tower_parameters("image")):
+            self.image_tower_trained = True  # from now on, gallery features are never taken from a cache
+
+    def configure_optimizers(self) -> dict:
+        o = self.cfg.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        kwargs = {"fused": o.fused} if o.fused is not None else {}
+        optimizer = torch.optim.AdamW(
+            params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, **kwargs
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = lr_lambda(o.scheduler, o.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave frozen backbone weights out: they are rebuilt from the backbone config on load."""
+        frozen = {n for n, p in self.named_parameters() if not p.requires_grad and n.startswith("encoder.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["zscir"] = {
+            "method": self.cfg.name,
+            "backbone_fingerprint": backbone_fingerprint(self.backbone_cfg),
+            "omitted": sorted(frozen),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get("zscir", {})
+        if info.get("method", self.cfg.name) != self.cfg.name:
+            raise ValueError(f"checkpoint was trained with method {info['method']!r}, not {self.cfg.name!r}")
+        if info.get("backbone_fingerprint", backbone_fingerprint(self.backbone_cfg)) != backbone_fingerprint(
+            self.backbone_cfg
+        ):
+            raise ValueError(
+                "checkpoint was trained on a different backbone (weights fingerprint differs); "
+                "pass the backbone it was trained with"
+            )
+        own = self.state_dict()
+        for name in info.get("omitted", []):
+            checkpoint["state_dict"].setdefault(name, own[name])
+
+    # ---- evaluation plumbing ------------------------------------------------------------------
+    def attach_benchmarks(
+        self,
+        benchmarks: list[Benchmark],
+        batch_size: int = 64,
+        num_workers: int = 0,
+        cache: GalleryCache | None = None,
+    ) -> None:
+        """Benchmarks evaluated by ``trainer.validate``/``test`` and after each training epoch."""
+        self.benchmarks = list(benchmarks)
+        self.eval_batch_size, self.eval_workers, self.gallery_cache = batch_size, num_workers, cache
+        self._metrics = [BenchmarkMetric(b, sync_on_compute=True) for b in self.benchmarks]
+
+    def _query_loaders(self) -> list[DataLoader]:
+        return [
+            DataLoader(
+                QueryDataset(b, self.encoder.image_transform, self.encoder.image_size),
+                batch_size=self.eval_batch_size,
+                num_workers=self.eval_workers,
+                shuffle=False,
+                collate_fn=collate_queries,
+                persistent_workers=self.eval_workers > 0,
+            )
+            for b in self.benchmarks
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._query_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._query_loaders()
+
+    def _gallery_key(self, benchmark: Benchmark) -> str | None:
+        """Cache key of a benchmark's gallery features, or None when they must be encoded afresh
+        (no cache, or image-tower weights changed by training in this process)."""
+        if self.gallery_cache is None or self.image_tower_trained:
+            return None
+        return cache_key(
+            backbone=backbone_fingerprint(self.backbone_cfg),
+            weights=self.weights_tag,
+            encoder=type(self).encode_gallery.__qualname__,
+            benchmark=benchmark.identity(),
+            transform=self.encoder.transform_id,
+        )
+
+    @torch.no_grad()
+    def _encode_gallery_sharded(self, benchmark: Benchmark) -> Tensor:
+        """Encode the whole gallery, each rank a strided share, then all-gather to every rank."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        dataset = GalleryDataset(benchmark, self.encoder.image_transform)
+        share = Subset(dataset, list(range(rank, len(dataset), world)))
+        loader = DataLoader(
+            share, batch_size=self.eval_batch_size, num_workers=self.eval_workers, shuffle=False
+        )
+        context = (
+            self.trainer.precision_plugin.forward_context()
+            if self._trainer is not None
+            else contextlib.nullcontext()
+        )
+        index, feats = [], []
+        with context:
+            for batch in tqdm(
+                loader,
+                desc=f"gallery {benchmark.name} ({len(dataset)} images)",
+                disable=rank != 0,
+                leave=False,
+            ):
+                feats.append(self.encode_gallery(batch["pixels"].to(self.device)).float())
+                index.append(batch["index"].to(self.device))
+        index = torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=self.device)
+        feats = torch.cat(feats) if feats else torch.empty(0, self.encoder.embed_dim, device=self.device)
+        if world > 1:
+            per_rank = math.ceil(len(dataset) / world)
+            pad = per_rank - index.shape[0]
+            index = torch.cat([index, index.new_full((pad,), -1)])
+            feats = torch.cat([feats, feats.new_zeros(pad, feats.shape[1])])
+            index, feats = (
+                self.all_gather(index).reshape(-1),
+                self.all_gather(feats).reshape(-1, feats.shape[1]),
+            )
+            keep = index >= 0
+            index, feats = index[keep], feats[keep]
+        out = torch.empty(len(dataset), feats.shape[1], device=feats.device)
+        out[index] = feats
+        return out
+
+    def _prepare_galleries(self) -> None:
+        for benchmark, metric in zip(self.benchmarks, self._metrics):
+            metric.to(self.device)
+            metric.reset()
+            key = self._gallery_key(benchmark)
+            ids = [r.image_id for r in benchmark.gallery]
+            feats = self.gallery_cache.load(key, ids) if key else None
+            if feats is None:
+                feats = self._encode_gallery_sharded(benchmark)
+                if key and self.global_rank == 0:
+                    self.gallery_cache.save(key, ids, feats)
+            else:
+                log.info("gallery features of %s loaded from the cache", benchmark.name)
+            metric.set_gallery(feats.to(self.device))
+
+    def _query_step(self, batch: dict, dataloader_idx: int) -> None:
+        n_variants = len(batch["texts"])
+        feats = 0
+        for texts in batch["texts"]:  # caption variants: average of normalised features (FashionIQ)
+            feats = feats + normalize(self.compose({"pixels": batch["pixels"], "texts": texts}))
+        self._metrics[dataloader_idx].update("query", batch["index"], normalize(feats / n_variants))
+
+    def _finish_eval(self, stage: str) -> None:
+        self.eval_results = {}
+        for benchmark, metric in zip(self.benchmarks, self._metrics):
+            values = metric.compute()
+            self.eval_results[benchmark.name] = {"metrics": values, "features": metric.features}
+            for name, value in values.items():
+                self.log(f"{stage}/{benchmark.name}/{name}", value, sync_dist=True)
+            metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._prepare_galleries()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.trainer.sanity_checking:
+            self._query_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._finish_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._prepare_galleries()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._query_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int):  # noqa: ANN201
+    """Multiplier of the base learning rate at each optimizer step."""
+    if kind not in ("constant", "linear", "cosine"):
+        raise ValueError(f"scheduler must be constant, linear or cosine, got {kind!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,61 @@
+"""Contrastive image–text pre-training (CLIP): how the synthetic world gets its backbone.
+
+Symmetric InfoNCE over the batch with a learnable logit scale (clamped at 100, as CLIP does). After
+training the encoder's weights can be exported as a plain state dict (``export_backbone``) that a
+backbone config loads with ``checkpoint=``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zscir.methods.base import MethodConfig, RetrievalMethod
+from zscir.retrieval.search import normalize
+from zscir.utils.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CLIPPretrainConfig(MethodConfig):
+    init_temperature: float = 0.07
+    #: where to write the trained encoder's state dict (None: nowhere)
+    export_backbone: str | None = None
+
+
+class CLIPPretrain(RetrievalMethod):
+    """Train both towers with the CLIP loss; queries at evaluation are captions alone (caption→image)."""
+
+    Config = CLIPPretrainConfig
+    frozen_towers = ()
+    data_kind = "image_caption"
+
+    def __init__(self, backbone: dict, config: dict):
+        super().__init__(backbone, config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / self.cfg.init_temperature)))
+
+    def compose(self, batch: dict) -> Tensor:
+        return self.encoder.encode_text(self.encoder.tokenize(batch["texts"]))
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        image = normalize(self.encoder.encode_image(batch["pixels"]))
+        text = normalize(self.encoder.encode_text(self.encoder.tokenize(batch["caption"]).to(self.device)))
+        scale = self.logit_scale.exp().clamp(max=100)
+        logits = scale * image @ text.T
+        labels = torch.arange(logits.shape[0], device=self.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", scale)
+        return loss
+
+    def on_fit_end(self) -> None:
+        if self.cfg.export_backbone and self.global_rank == 0:
+            state = {k: v.detach().cpu() for k, v in self.encoder.model.state_dict().items()}
+            atomic_write(self.cfg.export_backbone, lambda f: torch.save(state, f))
+            log.info("exported the trained backbone to %s", self.cfg.export_backbone)

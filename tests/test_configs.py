@@ -1,0 +1,81 @@
+"""Every config file composes and validates; typos fail at start-up with their name."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from zscir.cli.common import CONF_DIR, benchmark_configs, plain, validate_config
+
+GROUP_FILES = {
+    g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml"))
+    for g in ("backbone", "method", "data", "benchmark", "trainer", "logger", "experiment")
+}
+
+
+def test_every_group_has_configs():
+    for group, names in GROUP_FILES.items():
+        assert names, f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize("experiment", GROUP_FILES["experiment"])
+def test_every_experiment_composes_and_validates(compose, experiment):
+    cfg = compose("train", [f"experiment={experiment}"])
+    validate_config(cfg, "train")
+    assert cfg.experiment_name == experiment
+
+
+@pytest.mark.parametrize(
+    ("group", "name"),
+    [(g, n) for g in ("backbone", "method", "data", "trainer", "logger") for n in GROUP_FILES[g]],
+)
+def test_every_group_option_composes(compose, group, name):
+    cfg = compose("train", [f"{group}={name}"])
+    validate_config(cfg, "train")
+    resolved = plain(cfg[group])
+    assert resolved is not None
+
+
+@pytest.mark.parametrize("name", GROUP_FILES["benchmark"])
+def test_every_benchmark_config_composes_for_eval(compose, name):
+    cfg = compose("eval", [f"benchmark={name}"])
+    validate_config(cfg, "eval")
+    (bench,) = benchmark_configs(cfg)
+    assert bench["kind"]
+    assert Path(bench["root"]).is_absolute()
+
+
+def test_unknown_method_key_fails_with_its_name(compose):
+    cfg = compose("train", ["method=sum", "+method.img_wieght=0.5"])
+    with pytest.raises(Exception, match="img_wieght"):
+        validate_config(cfg, "train")
+
+
+def test_unknown_override_is_refused_by_hydra(compose):
+    with pytest.raises(Exception, match="lr_typo"):
+        compose("train", ["method.optim.lr_typo=1"])
+
+
+def test_unknown_group_option_is_named(compose):
+    with pytest.raises(Exception, match="lincri"):
+        compose("train", ["method=lincri"])
+
+
+def test_unknown_benchmark_name_lists_the_known_ones(compose):
+    cfg = compose("train", ["eval_benchmarks=[synthetic_cirr,cirrr]"])
+    with pytest.raises(ValueError, match=r"cirrr.*synthetic_cirr"):
+        benchmark_configs(cfg)
+
+
+def test_wrong_type_is_refused(compose):
+    cfg = compose("train", ["method=sum", "method.img_weight=heavy"])
+    with pytest.raises(Exception, match="img_weight"):
+        validate_config(cfg, "train")
+
+
+def test_config_groups_mirror_code_folders():
+    src = Path(__file__).resolve().parents[1] / "src" / "zscir"
+    assert (src / "backbones").is_dir()
+    assert (src / "methods").is_dir()
+    assert (src / "data" / "benchmarks").is_dir()
+    assert OmegaConf.load(CONF_DIR / "train.yaml")["defaults"][0] == {"paths": "default"}

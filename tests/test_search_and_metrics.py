@@ -1,0 +1,117 @@
+"""Chunked search and the metric core against naive oracles and hand-computed cases."""
+
+import pytest
+import torch
+
+from zscir.metrics.functional import (
+    average_precision_at_k,
+    circo_metrics_from_ranking,
+    cirr_metrics,
+    recall_from_ranks,
+)
+from zscir.retrieval.search import normalize, target_ranks, topk_search
+
+
+def oracle_ranking(q, g, exclude=None):
+    s = normalize(q) @ normalize(g).T
+    if exclude is not None:
+        s[torch.arange(len(s)), exclude] = float("-inf")
+    return torch.sort(s, dim=1, descending=True, stable=True).indices
+
+
+@pytest.mark.parametrize("budget", [7, 10_000])  # 7: one query row per chunk
+def test_topk_equals_stable_full_sort(budget):
+    torch.manual_seed(0)
+    q, g = torch.randn(13, 8), torch.randn(40, 8)
+    g[5] = g[17]  # exact duplicate gallery items: ties
+    g[30] = g[17]
+    q[3] = g[17]  # a query whose best match is a three-way tie
+    idx, val = topk_search(q, g, 10, budget=budget)
+    assert torch.equal(idx, oracle_ranking(q, g)[:, :10])
+    assert torch.all(val[:, :-1] >= val[:, 1:])
+    assert idx[3, :3].tolist() == [5, 17, 30]  # ties in gallery order
+
+
+def test_topk_tie_at_the_cut_keeps_lowest_indices():
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    q = torch.tensor([[0.0, 1.0]])
+    idx, _ = topk_search(q, g, 2)
+    assert idx.tolist() == [[1, 2]]
+
+
+def test_topk_exclude_removes_the_reference():
+    torch.manual_seed(1)
+    q, g = torch.randn(6, 4), torch.randn(20, 4)
+    ex = torch.tensor([0, 3, -1, 19, 7, 7])
+    idx, _ = topk_search(q, g, 19, exclude=ex)
+    for row, e in enumerate(ex.tolist()):
+        assert e not in idx[row].tolist() or e == -1
+    oracle = oracle_ranking(q[:2], g, ex[:2])[:, :19]
+    assert torch.equal(idx[:2], oracle)
+
+
+def test_target_ranks_equal_position_in_stable_sort():
+    torch.manual_seed(2)
+    q, g = torch.randn(30, 6), torch.randn(50, 6)
+    g[10] = g[40]
+    target = torch.randint(0, 50, (30,))
+    target[0] = 40  # tied with index 10, which comes first
+    q[0] = g[40]
+    exclude = torch.randint(0, 50, (30,))
+    exclude[exclude == target] = (exclude[exclude == target] + 1) % 50
+    ranks = target_ranks(q, g, target, exclude=exclude, budget=64)
+    order = oracle_ranking(q, g, exclude)
+    expected = torch.tensor([(order[i] == target[i]).nonzero().item() for i in range(30)])
+    assert torch.equal(ranks, expected)
+    assert ranks[0].item() == 1
+
+
+def test_target_ranks_among_candidates():
+    g = torch.eye(4)
+    q = torch.tensor([[0.1, 0.9, 0.5, 0.0]])
+    # candidates 3, 2, 1 (not in gallery order): scores 0.0, 0.5, 0.9 -> target 2 is second
+    assert target_ranks(q, g, torch.tensor([2]), candidates=torch.tensor([[3, 2, 1]])).tolist() == [1]
+    with pytest.raises(ValueError, match="not among"):
+        target_ranks(q, g, torch.tensor([0]), candidates=torch.tensor([[3, 2, 1]]))
+
+
+def test_recall_from_ranks_is_percent():
+    assert recall_from_ranks(torch.tensor([0, 4, 5, 60]), [1, 5, 50]) == {
+        "recall@1": 25.0,
+        "recall@5": 50.0,
+        "recall@50": 75.0,
+    }
+
+
+def test_cirr_metrics_hand_computed():
+    # 1-D "features" on a circle so that scores are easy to order: gallery angles
+    angles = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    g = torch.stack([angles.cos(), angles.sin()], 1)
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # ranking by angle: 0,1,2,3,4,5
+    target = torch.tensor([2, 5])
+    reference = torch.tensor([0, 1])  # deleted from the ranking
+    subset = torch.tensor([[1, 2, 3, 4, 5], [0, 2, 3, 4, 5]])
+    m = cirr_metrics(q, g, target, reference, subset)
+    # query 0: ranking without ref 0 -> 1,2,... target 2 at rank 1; query 1: without 1 -> 0,2,3,4,5: target 5 at rank 4
+    assert m["recall@1"] == 0.0
+    assert m["recall@5"] == 100.0
+    assert m["recall_subset@1"] == 0.0
+    assert m["recall_subset@2"] == 50.0
+    assert m["recall_subset@3"] == 50.0
+
+
+def test_average_precision_normalises_by_min_k_and_gt():
+    ranked = torch.tensor([[7, 3, 9, 1, 2]])
+    # 3 ground truths {3, 1, 8}: hits at ranks 2 and 4 -> P@2 = 1/2, P@4 = 2/4
+    assert average_precision_at_k(ranked, [[3, 1, 8]], 5).item() == pytest.approx((0.5 + 0.5) / 3)
+    # k = 2 < #gt: normaliser 2
+    assert average_precision_at_k(ranked, [[3, 1, 8]], 2).item() == pytest.approx(0.5 / 2)
+    # one GT found at rank 1 -> 1.0 whatever k (torchmetrics-style averaging would agree here)
+    assert average_precision_at_k(torch.tensor([[3, 0, 0]]), [[3]], 3).item() == 1.0
+
+
+def test_circo_recall_counts_only_the_first_ground_truth():
+    ranked = torch.tensor([[5, 6, 7, 8, 9, *list(range(10, 55))]])
+    m = circo_metrics_from_ranking(ranked, [[100, 6]])  # 6 is a GT but not the target (100)
+    assert m["recall@5"] == 0.0
+    assert m["map@5"] == pytest.approx(100 * (1 / 2) / 2)

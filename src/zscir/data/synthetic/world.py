@@ -170,6 +170,11 @@ def caption(scene: Scene, rng: random.Random) -> str:
     text = prefix + body
     if rng.random() < 0.3:
         text += f" on a {scene.background} background"
+    absent = [s for s in SHAPES if s not in {o.shape for o in scene.objects}]
+    if absent and rng.random() < 0.15:  # true negative statements, as real captions sometimes make
+        text += rng.choice([", with no {}", " and no {}", ", without any {}"]).format(
+            rng.choice(SHAPES[rng.choice(absent)])
+        )
     return text
 
 

@@ -1,0 +1,53 @@
+"""Textual inversion shared by LinCIR, CAM-TI and SEARLE-style methods: the projection φ that maps a
+feature to a pseudo-word token, and the composed query "a photo of $ that {caption}".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from zscir.backbones import Encoder
+
+#: the prompt SEARLE and LinCIR use at inference; ``$`` is the pseudo-word, ``{caption}`` the modification text
+DEFAULT_TEMPLATE = "a photo of $ that {caption}"
+
+
+class Phi(nn.Module):
+    """φ: Linear(D→4D) GELU Dropout Linear(4D→4D) GELU Dropout Linear(4D→token_dim).
+
+    The SEARLE/LinCIR architecture (768→3072→3072→768 on CLIP ViT-L/14), ``D`` = the joint embedding
+    size, output = one token embedding of the text tower.
+    """
+
+    def __init__(self, embed_dim: int, token_dim: int, hidden_mult: int = 4, dropout: float = 0.5):
+        super().__init__()
+        hidden = hidden_mult * embed_dim
+        self.net = nn.Sequential(
+            nn.Linear(embed_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, token_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def encode_with_template(
+    encoder: Encoder, pseudo: Tensor, captions: Sequence[str], template: str = DEFAULT_TEMPLATE
+) -> Tensor:
+    """Text features of ``template`` filled with each caption, ``$`` replaced by that row's pseudo-token.
+
+    Args:
+        pseudo: [B, token_dim], one pseudo-token per caption.
+    """
+    if "$" not in template:
+        raise ValueError(f"template {template!r} has no '$' placeholder")
+    texts = [template.format(caption=c) for c in captions]
+    ids = encoder.tokenize(texts).to(pseudo.device)
+    return encoder.encode_text_with_pseudo(ids, pseudo)

@@ -48,7 +48,8 @@ def run_demo(
     )
     ensure_backbone(base)
     clip_eval = compose_config(
-        "eval", ["experiment=demo", "method=text_only", "benchmark=synthetic_t2i", *extra]
+        "eval",
+        ["experiment=demo", "method=text_only", "benchmark=synthetic_t2i", "eval_benchmarks=[]", *extra],
     )
     with open_dict(clip_eval):
         clip_eval.paths.run_dir = str(out_dir / "backbone_check")
@@ -67,7 +68,9 @@ def run_demo(
 
     print("[zscir demo] 4/4 side-by-side table", flush=True)
     paths = report(
-        [out_dir / "runs"], out_dir, title="zscir demo: synthetic shapes world, tiny CLIP backbone"
+        [out_dir / "runs" / label for label, _ in runs],
+        out_dir,
+        title="zscir demo: synthetic shapes world, tiny CLIP backbone",
     )
     summary = {
         "tiny_clip_caption_to_image_recall@1": clip_metrics.get("recall@1"),

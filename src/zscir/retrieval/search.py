@@ -56,10 +56,13 @@ def topk_search(
             ex = exclude[start : start + step].to(s.device)
             rows = torch.nonzero(ex >= 0).squeeze(1)
             s[rows, ex[rows]] = float("-inf")
-        vals, idx = s.topk(k, dim=1)
-        # Rows where the k-th value is tied with an item left outside the top-k: the choice among the
-        # tied items is arbitrary in topk, so redo those rows with a stable sort.
-        boundary = (s >= vals[:, -1:]).sum(dim=1) > k
+        # One extra item tells whether the k-th value is tied with an item left outside the top-k;
+        # topk chooses arbitrarily among tied items, so those rows are redone with a stable sort.
+        vals, idx = s.topk(min(k + 1, s.shape[1]), dim=1)
+        boundary = (
+            vals[:, k] >= vals[:, k - 1] if vals.shape[1] > k else s.new_zeros(len(s), dtype=torch.bool)
+        )
+        vals, idx = vals[:, :k], idx[:, :k]
         for r in torch.nonzero(boundary).squeeze(1).tolist():
             order = torch.sort(s[r], descending=True, stable=True).indices[:k]
             idx[r], vals[r] = order, s[r, order]
@@ -69,6 +72,7 @@ def topk_search(
         vals, perm = vals.sort(dim=1, descending=True, stable=True)
         out_idx[start : start + step] = idx.gather(1, perm)
         out_val[start : start + step] = vals
+        del s  # free this chunk before the next one is allocated: peak memory = one chunk
     return out_idx, out_val
 
 

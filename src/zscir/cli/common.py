@@ -303,13 +303,9 @@ def write_run_info(run_dir: Path, cfg: DictConfig, task: str, metrics: dict[str,
 
 
 def write_features(path: Path, benchmark: Benchmark, query_feats: Any, gallery_feats: Any) -> None:
-    """``features.npz`` with ``query_ids``/``query_feats``/``gallery_ids``/``gallery_feats``."""
-    arrays = {
-        "query_ids": np.array([q.query_id for q in benchmark.queries]),
-        "query_feats": query_feats.numpy(),
-        "gallery_ids": np.array([g.image_id for g in benchmark.gallery]),
-        "gallery_feats": gallery_feats.numpy(),
-    }
+    """``features.npz``: ``query_ids``/``query_feats``/``gallery_ids``/``gallery_feats`` (GeneCIS:
+    ``candidate_ids``/``candidate_feats`` instead of the gallery); ``zscir-score`` re-scores it."""
+    arrays = benchmark.feature_arrays(query_feats, gallery_feats)
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 

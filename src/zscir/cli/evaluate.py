@@ -104,7 +104,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             if cfg.save_features:
                 name = "features.npz" if len(benchmarks) == 1 else f"features_{bench.name}.npz"
                 write_features(run_dir / name, bench, *feats)
-            if not bench.labelled:
+            if bench.split in bench.submission_splits:
                 for path in write_submissions(run_dir, bench, *feats):
                     log.info("wrote submission file %s", path)
         write_run_info(run_dir, cfg, "eval", metrics)

@@ -3,9 +3,16 @@
 Never materialises the full Q×N similarity matrix: queries are processed in chunks sized to a memory
 budget, and only ``k`` indices per query are kept. Ties are broken towards the lower gallery index
 (the order a stable sort gives), so results do not depend on the device or the sort implementation.
+
+Identical gallery features always score identically: a BLAS matrix product may round the same dot
+product differently depending on a row's position, which would turn an exact tie (the same image
+twice in a gallery) into an arbitrary order. Scores are therefore computed once per distinct gallery
+row and broadcast to its duplicates.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +29,29 @@ def normalize(x: Tensor) -> Tensor:
 
 def chunk_rows(num_queries: int, num_gallery: int, budget: int = DEFAULT_BUDGET) -> int:
     return max(1, min(num_queries, budget // max(1, num_gallery)))
+
+
+def _distinct_rows(g: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(distinct rows, inverse index) — inverse None when every row is distinct."""
+    distinct, inverse = torch.unique(g, dim=0, return_inverse=True)
+    return (g, None) if distinct.shape[0] == g.shape[0] else (distinct, inverse)
+
+
+def similarity_chunks(
+    query_feats: Tensor, gallery_feats: Tensor, budget: int = DEFAULT_BUDGET, normalized: bool = False
+) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield ``(start, stop, scores[stop - start, N])`` cosine similarities, a few query rows at a time."""
+    q = query_feats if normalized else normalize(query_feats)
+    g = gallery_feats if normalized else normalize(gallery_feats)
+    distinct, inverse = _distinct_rows(g)
+    step = chunk_rows(q.shape[0], g.shape[0], budget)
+    for start in range(0, q.shape[0], step):
+        stop = min(start + step, q.shape[0])
+        s = q[start:stop] @ distinct.T
+        if inverse is not None:
+            s = s[:, inverse]
+        yield start, stop, s
+        del s  # the consumer deletes its reference too: one chunk alive at a time
 
 
 def topk_search(
@@ -43,17 +73,13 @@ def topk_search(
     Returns:
         (indices [Q, k] long, scores [Q, k] float32), both on the features' device.
     """
-    q = query_feats if normalized else normalize(query_feats)
-    g = gallery_feats if normalized else normalize(gallery_feats)
-    n = g.shape[0]
+    n = gallery_feats.shape[0]
     k = min(k, n - (1 if exclude is not None else 0))
-    out_idx = torch.empty(q.shape[0], k, dtype=torch.long, device=q.device)
-    out_val = torch.empty(q.shape[0], k, dtype=torch.float32, device=q.device)
-    step = chunk_rows(q.shape[0], n, budget)
-    for start in range(0, q.shape[0], step):
-        s = q[start : start + step] @ g.T
+    out_idx = torch.empty(query_feats.shape[0], k, dtype=torch.long, device=query_feats.device)
+    out_val = torch.empty(query_feats.shape[0], k, dtype=torch.float32, device=query_feats.device)
+    for start, stop, s in similarity_chunks(query_feats, gallery_feats, budget, normalized):
         if exclude is not None:
-            ex = exclude[start : start + step].to(s.device)
+            ex = exclude[start:stop].to(s.device)
             rows = torch.nonzero(ex >= 0).squeeze(1)
             s[rows, ex[rows]] = float("-inf")
         # One extra item tells whether the k-th value is tied with an item left outside the top-k;
@@ -70,8 +96,8 @@ def topk_search(
         idx, perm = idx.sort(dim=1)
         vals = vals.gather(1, perm)
         vals, perm = vals.sort(dim=1, descending=True, stable=True)
-        out_idx[start : start + step] = idx.gather(1, perm)
-        out_val[start : start + step] = vals
+        out_idx[start:stop] = idx.gather(1, perm)
+        out_val[start:stop] = vals
         del s  # free this chunk before the next one is allocated: peak memory = one chunk
     return out_idx, out_val
 
@@ -89,35 +115,57 @@ def target_ranks(
     Args:
         target: [Q] gallery index of the target.
         exclude: optional [Q] gallery index removed from the ranking (-1 = none); it is never counted.
-        candidates: optional [Q, C] gallery indices; the rank is then among these only (CIRR subset).
-            The target must be one of them.
+        candidates: optional [Q, C] gallery indices; the rank is then among these only (CIRR subset),
+            in the order they take in the global ranking. The target must be one of them; -1 pads rows
+            with fewer candidates.
 
     Equal to the position of the target in a stable descending sort of the (restricted) scores, but
     computed by counting, without sorting.
     """
-    q, g = normalize(query_feats), normalize(gallery_feats)
-    ranks = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
-    n = g.shape[0] if candidates is None else candidates.shape[1]
-    step = chunk_rows(q.shape[0], n, budget)
-    for start in range(0, q.shape[0], step):
-        stop = min(start + step, q.shape[0])
-        tgt = target[start:stop].to(q.device)
+    ranks = torch.empty(query_feats.shape[0], dtype=torch.long, device=query_feats.device)
+    for start, stop, s in similarity_chunks(query_feats, gallery_feats, budget):
+        tgt = target[start:stop].to(s.device)
         if candidates is None:
-            s = q[start:stop] @ g.T
-            index = torch.arange(g.shape[0], device=q.device).expand_as(s)
+            index = torch.arange(s.shape[1], device=s.device).expand_as(s)
         else:
-            index = candidates[start:stop].to(q.device)
+            index = candidates[start:stop].to(s.device)
             if not bool((index == tgt[:, None]).any(1).all()):
                 raise ValueError("a target is not among its query's candidates")
-            s = torch.einsum("qd,qcd->qc", q[start:stop], g[index])
-        # recompute the target's score exactly as it appears in s, so ties are exact ties
-        t_score = (
-            torch.where(index == tgt[:, None], s, torch.full_like(s, float("-inf")))
-            .max(1, keepdim=True)
-            .values
-        )
+            s = s.gather(1, index.clamp(min=0))
+        t_score = s.gather(1, tgt[:, None]) if candidates is None else _score_of(s, index, tgt)
         ahead = (s > t_score) | ((s == t_score) & (index < tgt[:, None]))
+        if candidates is not None:
+            ahead &= index >= 0
         if exclude is not None:
-            ahead &= index != exclude[start:stop].to(q.device)[:, None]
+            ahead &= index != exclude[start:stop].to(s.device)[:, None]
         ranks[start:stop] = ahead.sum(1)
+        del s, ahead
     return ranks
+
+
+def _score_of(s: Tensor, index: Tensor, tgt: Tensor) -> Tensor:
+    """[B, 1] score of each row's target among its candidate columns."""
+    return (
+        torch.where(index == tgt[:, None], s, torch.full_like(s, float("-inf"))).max(1, keepdim=True).values
+    )
+
+
+def rank_candidates(
+    query_feats: Tensor, gallery_feats: Tensor, candidates: Tensor, k: int, budget: int = DEFAULT_BUDGET
+) -> Tensor:
+    """The first ``k`` of each query's candidate gallery indices ([Q, C], -1 = padding) in the order of
+    the global ranking (score descending, ties towards the lower gallery index); -1 fills rows with
+    fewer than ``k`` candidates. The CIRR subset ranking."""
+    k = min(k, candidates.shape[1])
+    out = torch.full((query_feats.shape[0], k), -1, dtype=torch.long, device=query_feats.device)
+    for start, stop, s in similarity_chunks(query_feats, gallery_feats, budget):
+        index = candidates[start:stop].to(s.device)
+        scores = s.gather(1, index.clamp(min=0)).masked_fill(index < 0, float("-inf"))
+        for r in range(stop - start):  # C is small (5 for CIRR): a per-row stable sort is cheap
+            valid = index[r] >= 0
+            idx, sc = index[r][valid], scores[r][valid]
+            idx, perm = idx.sort()
+            order = torch.sort(sc[perm], descending=True, stable=True).indices[:k]
+            out[start + r, : order.numel()] = idx[order]
+        del s, scores
+    return out

@@ -11,9 +11,12 @@ from __future__ import annotations
 import io
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -73,6 +76,10 @@ class Benchmark(ABC):
     kind: str = ""
     #: metric names :meth:`score` returns, in display order
     metric_names: tuple[str, ...] = ()
+    #: splits whose predictions go to an evaluation server (:meth:`submission` files are written)
+    submission_splits: tuple[str, ...] = ()
+    #: bumped when the loader's image rules change (crops, ids), so cached gallery features are not reused
+    version: int = 1
 
     def __init__(self, root: str | Path, split: str, name: str | None = None):
         self.root = Path(root).expanduser()
@@ -108,13 +115,85 @@ class Benchmark(ABC):
         """What determines this benchmark's gallery (for feature caches)."""
         return {
             "kind": self.kind,
+            "version": self.version,
             "root": str(self.root.resolve()),
             "split": self.split,
             "gallery": [r.image_id for r in self.gallery],
         }
 
+    # ---- features.npz ------------------------------------------------------------------------
+    def feature_arrays(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, np.ndarray]:
+        """The content of ``features.npz``: ``query_ids`` [Q] str, ``query_feats`` [Q, D],
+        ``gallery_ids`` [N] str, ``gallery_feats`` [N, D] (features as given, not normalised)."""
+        return {
+            "query_ids": np.array([q.query_id for q in self.queries], dtype=str),
+            "query_feats": query_feats.detach().float().cpu().numpy(),
+            "gallery_ids": np.array([g.image_id for g in self.gallery], dtype=str),
+            "gallery_feats": gallery_feats.detach().float().cpu().numpy(),
+        }
+
+    def features_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> tuple[Tensor, Tensor]:
+        """(query, gallery) features from ``features.npz`` arrays, re-ordered to :attr:`queries` and
+        :attr:`gallery` by id. Every id must be present exactly once; none may be foreign."""
+        queries = align_by_ids(arrays, "query", [q.query_id for q in self.queries], self.name)
+        gallery = align_by_ids(arrays, "gallery", [g.image_id for g in self.gallery], self.name)
+        if queries.shape[1] != gallery.shape[1]:
+            raise ValueError(
+                f"{self.name}: query features have dimension {queries.shape[1]}, gallery features {gallery.shape[1]}"
+            )
+        return queries, gallery
+
+    def score_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """:meth:`score` on a saved ``features.npz`` (no model needed)."""
+        return self.score(*self.features_from_arrays(arrays))
+
+    def submission_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, object]:
+        """:meth:`submission` on a saved ``features.npz``."""
+        return self.submission(*self.features_from_arrays(arrays))
+
 
 # ---- helpers shared by the loaders -------------------------------------------------------------------
+def ids_from_array(values: np.ndarray | Sequence) -> list[str]:
+    """Ids as strings, whatever the array holds (str, bytes or integers)."""
+    out = []
+    for v in np.asarray(values).reshape(-1).tolist():
+        out.append(v.decode() if isinstance(v, bytes) else str(v))
+    return out
+
+
+def align_by_ids(arrays: Mapping[str, np.ndarray], kind: str, expected: list[str], name: str) -> Tensor:
+    """``arrays[f"{kind}_feats"]`` re-ordered to ``expected`` ids using ``arrays[f"{kind}_ids"]``."""
+    id_key, feat_key = f"{kind}_ids", f"{kind}_feats"
+    missing_keys = [k for k in (id_key, feat_key) if k not in arrays]
+    if missing_keys:
+        raise ValueError(f"{name}: the features file has no {missing_keys} (it has {sorted(arrays)})")
+    ids = ids_from_array(arrays[id_key])
+    feats = np.asarray(arrays[feat_key])
+    if feats.ndim != 2 or feats.shape[0] != len(ids):
+        raise ValueError(
+            f"{name}: {feat_key} has shape {feats.shape}, expected [{len(ids)}, D] to match {id_key}"
+        )
+    if not np.isfinite(feats).all():
+        raise ValueError(f"{name}: {feat_key} holds {int((~np.isfinite(feats)).sum())} NaN/inf values")
+    position: dict[str, int] = {}
+    duplicates = []
+    for i, x in enumerate(ids):
+        if x in position:
+            duplicates.append(x)
+        position[x] = i
+    if duplicates:
+        raise ValueError(f"{name}: {id_key} repeats {len(duplicates)} id(s), e.g. {duplicates[:5]}")
+    missing = [x for x in expected if x not in position]
+    foreign = sorted(set(position) - set(expected))
+    if missing or foreign:
+        raise ValueError(
+            f"{name}: {id_key} do not match the benchmark's {len(expected)} {kind} ids: "
+            f"{len(missing)} missing (e.g. {missing[:5]}), {len(foreign)} unknown (e.g. {foreign[:5]}); "
+            "were the features made for another split, category or task?"
+        )
+    return torch.from_numpy(feats[[position[x] for x in expected]]).float()
+
+
 def load_rgb(
     path: Path, box: tuple[float, float, float, float] | None = None, span: tuple[int, int] | None = None
 ) -> Image.Image:
@@ -153,15 +232,27 @@ def read_json(path: Path, what: str, obtain: str) -> object:
 
 
 def require_keys(record: dict, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(record, dict):
+        raise AnnotationError(
+            f"{where}: expected an object with keys {list(keys)}, got {json.dumps(record)[:200]}"
+        )
     missing = [k for k in keys if k not in record]
     if missing:
         raise AnnotationError(f"{where}: missing key(s) {missing} in record {json.dumps(record)[:200]}")
 
 
-def check_root(root: Path, expected: list[str], obtain: str) -> None:
-    """Fail early, listing the expected files, when ``root`` is not a dataset root."""
-    if not root.is_dir() or not any((root / e).exists() for e in expected):
-        listing = "\n  ".join(str(root / e) for e in expected)
-        raise DatasetLayoutError(
-            f"{root} does not look like the dataset root; expected:\n  {listing}\n{obtain}"
-        )
+def check_root(
+    root: Path, expected: Sequence[str], obtain: str, what: str = "dataset", optional: Sequence[str] = ()
+) -> None:
+    """Fail early when ``root`` lacks any of the ``expected`` entries, listing every file the layout
+    prescribes (``optional`` ones, e.g. image folders not needed to re-score features, are listed too)."""
+    missing = [e for e in expected if not (root / e).exists()]
+    if not missing:
+        return
+    lines = [f"  {'MISSING' if e in missing else 'found  '}  {root / e}" for e in expected]
+    lines += [
+        f"  {'found  ' if (root / e).exists() else 'missing'}  {root / e}  (images; needed only to encode)"
+        for e in optional
+    ]
+    listing = "\n".join(lines)
+    raise DatasetLayoutError(f"{root} is not a {what} root; the official layout has:\n{listing}\n{obtain}")

@@ -4,11 +4,13 @@ Two on-disk layouts are read:
 
 * the one SEARLE, LinCIR and CLIP4Cir read: ``ROOT/cirr/{captions,image_splits}`` with images at
   ``ROOT/<relpath>`` (``ROOT/dev/...``, ``ROOT/test1/...``, ``ROOT/train/<n>/...``);
-* the CIRR README's tree: ``ROOT/{captions,image_splits}`` with images under ``ROOT/img_raw/<relpath>``.
+* the CIRR README's tree: ``ROOT/{captions,image_splits}`` with images under ``ROOT/img_raw/<relpath>``
+  (``ROOT`` may also be its parent, holding ``cirr/{captions,image_splits,img_raw}``).
 
 Rules (``shared/reference/benchmarks.md`` §2): gallery = every image of ``split.rc2.<split>.json`` minus
 the query's reference; the positive is ``target_hard``; the subset is ``img_set.members`` minus the
-reference, ranked in the order of the global ranking.
+reference, ranked in the order of the reference-free global ranking. ``test1`` has no targets: it
+writes the two server files instead.
 """
 
 from __future__ import annotations
@@ -24,16 +26,17 @@ from zscir.data.benchmarks.base import (
     DatasetLayoutError,
     ImageRef,
     Query,
-    check_root,
     read_json,
     require_keys,
 )
 from zscir.metrics.functional import cirr_metrics
-from zscir.retrieval.search import topk_search
+from zscir.metrics.submissions import validate_cirr
+from zscir.retrieval.search import rank_candidates, topk_search
 
 OBTAIN = (
-    "CIRR annotations: https://github.com/Cuberick-Orion/CIRR (branch cirr_dataset); images: the NLVR2 "
-    "raw images (see the CIRR README, 'Download CIRR dataset')."
+    "CIRR annotations: https://github.com/Cuberick-Orion/CIRR (branch cirr_dataset: captions/, "
+    "image_splits/); images: the NLVR2 raw images (CIRR README, 'Download CIRR dataset'), unpacked so "
+    "that the relative paths of split.rc2.<split>.json (./dev/..., ./test1/..., ./train/<n>/...) resolve."
 )
 SPLITS = ("val", "test1")
 
@@ -49,6 +52,7 @@ class CIRR(Benchmark):
         "recall_subset@2",
         "recall_subset@3",
     )
+    submission_splits = ("test1",)
 
     def __init__(self, root: str | Path, split: str = "val", name: str | None = None):
         super().__init__(root, split, name)
@@ -56,81 +60,116 @@ class CIRR(Benchmark):
             hint = " (CIRR's test split is called 'test1')" if split == "test" else ""
             raise ValueError(f"CIRR split must be one of {SPLITS}, got {split!r}{hint}")
         ann_dir, image_dir = self._layout()
-        captions = read_json(ann_dir / "captions" / f"cap.rc2.{split}.json", "CIRR captions file", OBTAIN)
-        paths = read_json(
-            ann_dir / "image_splits" / f"split.rc2.{split}.json", "CIRR image split file", OBTAIN
-        )
+        cap_name, split_name = f"cap.rc2.{split}.json", f"split.rc2.{split}.json"
+        captions = read_json(ann_dir / "captions" / cap_name, "CIRR captions file", OBTAIN)
+        paths = read_json(ann_dir / "image_splits" / split_name, "CIRR image split file", OBTAIN)
         if not isinstance(paths, dict) or not isinstance(captions, list):
-            raise AnnotationError(
-                f"{ann_dir}: expected a dict in split.rc2.{split}.json and a list in cap.rc2.{split}.json"
-            )
+            raise AnnotationError(f"{ann_dir}: expected a dict in {split_name} and a list in {cap_name}")
         self.gallery = [ImageRef(name, image_dir / rel) for name, rel in paths.items()]
         index = self.gallery_index()
-        where = f"cap.rc2.{split}.json"
+        seen: set[str] = set()
         for rec in captions:
-            require_keys(rec, ("pairid", "reference", "caption", "img_set"), where)
-            require_keys(rec["img_set"], ("members",), where + " img_set")
-            ref = rec["reference"]
-            if ref not in index:
+            self.queries.append(self._query(rec, index, cap_name, split_name))
+            if self.queries[-1].query_id in seen:
+                raise AnnotationError(f"{cap_name}: pairid {rec['pairid']} appears twice")
+            seen.add(self.queries[-1].query_id)
+        labelled = {bool(q.target_ids) for q in self.queries}
+        if len(labelled) > 1:
+            raise AnnotationError(f"{cap_name}: some pairs have a target_hard and some do not")
+
+    def _query(self, rec: dict, index: dict[str, int], where: str, split_name: str) -> Query:
+        require_keys(rec, ("pairid", "reference", "caption", "img_set"), where)
+        require_keys(rec["img_set"], ("members",), f"{where} img_set")
+        pair, ref = rec["pairid"], rec["reference"]
+        members = list(dict.fromkeys(rec["img_set"]["members"]))  # de-duplicated, order kept
+        unknown = [
+            n
+            for n in [ref, *members, *([rec["target_hard"]] if "target_hard" in rec else [])]
+            if n not in index
+        ]
+        if unknown:
+            raise AnnotationError(f"{where}: pair {pair} names images not in {split_name}: {unknown}")
+        subset = tuple(m for m in members if m != ref)
+        targets: tuple[str, ...] = ()
+        if "target_hard" in rec:
+            target = rec["target_hard"]
+            if target == ref:
+                raise AnnotationError(f"{where}: pair {pair}: target_hard is the reference image")
+            if target not in subset:
                 raise AnnotationError(
-                    f"{where}: reference {ref!r} of pair {rec['pairid']} is not in split.rc2.{split}.json"
+                    f"{where}: pair {pair}: target_hard {target!r} is not in img_set.members"
                 )
-            targets = (rec["target_hard"],) if "target_hard" in rec else ()
-            for t in targets:
-                if t not in index:
-                    raise AnnotationError(
-                        f"{where}: target {t!r} of pair {rec['pairid']} is not in split.rc2.{split}.json"
-                    )
-            self.queries.append(
-                Query(
-                    query_id=str(rec["pairid"]),
-                    reference=self.gallery[index[ref]],
-                    texts=(rec["caption"],),
-                    target_ids=targets,
-                    subset_ids=tuple(m for m in rec["img_set"]["members"] if m != ref),
-                )
-            )
+            targets = (target,)
+        return Query(
+            query_id=str(pair),
+            reference=self.gallery[index[ref]],
+            texts=(rec["caption"],),
+            target_ids=targets,
+            subset_ids=subset,
+        )
 
     def _layout(self) -> tuple[Path, Path]:
         """(annotation folder, image root) for whichever of the two layouts ``root`` holds."""
-        if (self.root / "cirr" / "captions").is_dir():
-            return self.root / "cirr", self.root
-        if (self.root / "captions").is_dir():
-            return self.root, self.root / "img_raw"
-        check_root(self.root, ["cirr/captions/", "cirr/image_splits/", "dev/", "test1/"], OBTAIN)
-        raise DatasetLayoutError(f"{self.root}: no cirr/captions/ or captions/ folder\n{OBTAIN}")
+        for ann_dir in (self.root / "cirr", self.root):
+            if (ann_dir / "captions").is_dir() or (ann_dir / "image_splits").is_dir():
+                if (ann_dir / "img_raw").is_dir() or (
+                    ann_dir == self.root and not (self.root / "dev").is_dir()
+                ):
+                    return ann_dir, ann_dir / "img_raw"
+                return ann_dir, self.root
+        expected = "\n  ".join(
+            str(self.root / p)
+            for p in (
+                f"cirr/captions/cap.rc2.{self.split}.json",
+                f"cirr/image_splits/split.rc2.{self.split}.json",
+                "dev/  test1/  train/<n>/   (images)",
+            )
+        )
+        readme = "\n  ".join(
+            str(self.root / p)
+            for p in (
+                f"captions/cap.rc2.{self.split}.json",
+                f"image_splits/split.rc2.{self.split}.json",
+                "img_raw/{dev,test1,train/<n>}/   (images)",
+            )
+        )
+        raise DatasetLayoutError(
+            f"{self.root} is not a CIRR root. Expected either (SEARLE layout)\n  {expected}\n"
+            f"or (CIRR README layout)\n  {readme}\n{OBTAIN}"
+        )
 
-    def _indices(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _indices(self) -> tuple[Tensor, Tensor]:
+        """(reference index [Q], subset indices [Q, S] padded with -1)."""
         index = self.gallery_index()
-        target = torch.tensor([index[q.target_ids[0]] for q in self.queries])
-        reference = torch.tensor([index[q.reference.image_id] for q in self.queries])
-        subset = torch.tensor([[index[m] for m in q.subset_ids] for q in self.queries])
-        return target, reference, subset
+        reference = torch.tensor([index[q.reference.image_id] for q in self.queries], dtype=torch.long)
+        width = max((len(q.subset_ids) for q in self.queries), default=0)
+        subset = torch.full((len(self.queries), width), -1, dtype=torch.long)
+        for i, q in enumerate(self.queries):
+            subset[i, : len(q.subset_ids)] = torch.tensor([index[m] for m in q.subset_ids], dtype=torch.long)
+        return reference, subset
 
     def score(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, float]:
         if not self.labelled:
             raise ValueError(f"CIRR {self.split} has no targets; use submission() for the evaluation server")
-        target, reference, subset = self._indices()
+        index = self.gallery_index()
+        target = torch.tensor([index[q.target_ids[0]] for q in self.queries], dtype=torch.long)
+        reference, subset = self._indices()
         return cirr_metrics(query_feats, gallery_feats, target, reference, subset)
 
     def submission(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, object]:
-        index = self.gallery_index()
-        reference = torch.tensor([index[q.reference.image_id] for q in self.queries])
+        """``cirr_<split>_recall.json`` (top-50 names, reference excluded) and
+        ``cirr_<split>_recall_subset.json`` (top-3 of the subset), validated."""
+        reference, subset = self._indices()
         top, _ = topk_search(query_feats, gallery_feats, 50, exclude=reference)
-        subset = torch.tensor([[index[m] for m in q.subset_ids] for q in self.queries])
         names = [r.image_id for r in self.gallery]
-        recall = {"version": "rc2", "metric": "recall"}
-        recall_subset = {"version": "rc2", "metric": "recall_subset"}
-        sub_scores = torch.einsum("qd,qcd->qc", _norm(query_feats), _norm(gallery_feats)[subset])
-        for i, q in enumerate(self.queries):
-            recall[q.query_id] = [names[j] for j in top[i].tolist()]
-            order = torch.sort(sub_scores[i], descending=True, stable=True).indices[:3]
-            recall_subset[q.query_id] = [q.subset_ids[j] for j in order.tolist()]
+        recall: dict[str, object] = {"version": "rc2", "metric": "recall"}
+        recall_subset: dict[str, object] = {"version": "rc2", "metric": "recall_subset"}
+        top_subset = rank_candidates(query_feats, gallery_feats, subset, 3)
+        for i, query in enumerate(self.queries):
+            recall[query.query_id] = [names[j] for j in top[i].tolist()]
+            recall_subset[query.query_id] = [names[j] for j in top_subset[i].tolist() if j >= 0]
+        validate_cirr(recall, recall_subset, self.queries, names)
         return {
             f"cirr_{self.split}_recall.json": recall,
             f"cirr_{self.split}_recall_subset.json": recall_subset,
         }
-
-
-def _norm(x: Tensor) -> Tensor:
-    return torch.nn.functional.normalize(x.float(), dim=-1)

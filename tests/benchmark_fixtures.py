@@ -35,12 +35,18 @@ def _dump(path: Path, obj: object) -> None:
 
 
 # ---- FashionIQ --------------------------------------------------------------------------------------
-FIQ_SPLITS = {
-    "dress": ["B00DRESS01", "B00DRESS02", "B00DRESS03", "B00DRESS04", "B00DRESS05"],
-    "shirt": ["B00SHIRT01", "B00SHARED1", "B00SHIRT02", "B00SHARED2", "B00SHIRT03"],
+FIQ_SPLITS = {  # dress and shirt galleries exceed 10 images, so recall@10 can miss
+    "dress": [f"B00DRESS{i:02d}" for i in range(1, 13)],
+    "shirt": [
+        "B00SHIRT01",
+        "B00SHARED1",
+        "B00SHIRT02",
+        "B00SHARED2",
+        *(f"B00SHIRT{i:02d}" for i in range(3, 10)),
+    ],
     "toptee": ["B00TOPTE01", "B00SHARED2", "B00TOPTE02", "B00SHARED1"],  # shares two images with shirt
 }
-FIQ_VAL = {
+FIQ_VAL = {  # 3 + 3 + 1 triplets: the category mean differs from a recall pooled over all queries
     "dress": [
         {
             "target": "B00DRESS02",
@@ -56,9 +62,7 @@ FIQ_VAL = {
         {"target": "B00SHIRT02", "candidate": "B00SHIRT03", "captions": ["longer, and red", "."]},
     ],
     "toptee": [
-        {"target": "B00SHARED1", "candidate": "B00TOPTE01", "captions": ["is red", "no print"]},
-        {"target": "B00TOPTE02", "candidate": "B00SHARED2", "captions": ["?", "is striped ,"]},
-        {"target": "B00SHARED2", "candidate": "B00TOPTE02", "captions": ["has stripes", "is sleeveless"]},
+        {"target": "B00SHARED1", "candidate": "B00SHARED2", "captions": ["?", "is striped ,"]},
     ],
 }
 FIQ_MODES = {"B00DRESS03": "L", "B00SHIRT02": "RGBA", "B00TOPTE01": "P", "B00SHARED2": "L"}

@@ -22,6 +22,7 @@ crop's id is ``<image_id>:<x>,<y>,<w>,<h>`` (the box as floats, e.g. ``2373241:1
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -226,9 +227,9 @@ class GeneCIS(Benchmark):
         )
 
     def _check_candidates(self, q: Query, given: list[str]) -> None:
-        """Candidate ids must name the same images in the same order (crop boxes may be written
-        differently by other tools, so only the image part of a crop id is compared)."""
-        if [c.split(":")[0] for c in given] != [c.split(":")[0] for c in q.candidate_ids]:
+        """Candidate ids must name the same images in the same order. Only the image id (the leading
+        digits) is compared: other tools write crop boxes differently (``2373241_10_8_12_10``)."""
+        if [_image_part(c) for c in given] != [_image_part(c) for c in q.candidate_ids]:
             raise ValueError(
                 f"{self.name}: candidate_ids of template {q.query_id} are {given[:4]}..., expected "
                 f"{list(q.candidate_ids[:4])}... (target first, then the template's gallery)"
@@ -236,3 +237,8 @@ class GeneCIS(Benchmark):
 
     def submission_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, object]:
         return {}
+
+
+def _image_part(candidate_id: str) -> str:
+    match = re.match(r"\d+", candidate_id.strip())
+    return match.group(0).lstrip("0") if match else candidate_id

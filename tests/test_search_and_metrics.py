@@ -9,7 +9,7 @@ from zscir.metrics.functional import (
     cirr_metrics,
     recall_from_ranks,
 )
-from zscir.retrieval.search import normalize, target_ranks, topk_search
+from zscir.retrieval.search import normalize, rank_candidates, similarity_chunks, target_ranks, topk_search
 
 
 def oracle_ranking(q, g, exclude=None):
@@ -115,3 +115,27 @@ def test_circo_recall_counts_only_the_first_ground_truth():
     m = circo_metrics_from_ranking(ranked, [[100, 6]])  # 6 is a GT but not the target (100)
     assert m["recall@5"] == 0.0
     assert m["map@5"] == pytest.approx(100 * (1 / 2) / 2)
+
+
+def test_identical_gallery_features_always_tie_exactly():
+    # a plain q @ g.T rounds the same dot product differently at different rows for some shapes
+    # (BLAS gemv/gemm edge kernels, e.g. 5 queries x 33 images x 64 dims on x86 MKL)
+    torch.manual_seed(0)
+    g, q = torch.randn(33, 64), torch.randn(5, 64)
+    copies = [19, 32]  # the same image three times
+    g[copies] = g[0].clone()
+    (s,) = [chunk for _, _, chunk in similarity_chunks(q, g)]
+    assert torch.equal(s[:, 19], s[:, 0])
+    assert torch.equal(s[:, 32], s[:, 0])
+    idx, _ = topk_search(q, g, 33)
+    for row in idx.tolist():
+        positions = [row.index(c) for c in [0, 19, 32]]
+        assert positions == list(range(positions[0], positions[0] + 3))  # adjacent, in gallery order
+
+
+def test_rank_candidates_keeps_the_global_order_and_pads():
+    g = torch.eye(5)
+    q = torch.tensor([[0.1, 0.9, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    cand = torch.tensor([[3, 2, 1, 4], [4, 0, -1, -1]])
+    out = rank_candidates(q, g, cand, 3)
+    assert out.tolist() == [[1, 2, 3], [0, 4, -1]]  # row 1: all tied, by gallery index; one pad left

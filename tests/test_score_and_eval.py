@@ -143,6 +143,29 @@ def test_score_cli_infers_the_fashioniq_category(data, tmp_path):
     assert set(result["metrics"]) == {"recall@10", "recall@50"}
 
 
+def test_score_accepts_an_all_categories_file_for_one_category(data, tmp_path):
+    every = build_benchmark("fashioniq", data / "FashionIQ", "val", category="all")
+    q, g = random_features(every)
+    npz = save_npz(tmp_path / "all.npz", every.feature_arrays(q, g))
+    full = score("fashioniq", data / "FashionIQ", "val", npz, tmp_path / "all")["metrics"]
+    assert {"dress/recall@10", "toptee/recall@50", "recall@10"} <= set(full)
+    dress = score("fashioniq", data / "FashionIQ", "val", npz, tmp_path / "dress", category="dress")[
+        "metrics"
+    ]
+    assert dress == {"recall@10": full["dress/recall@10"], "recall@50": full["dress/recall@50"]}
+
+
+def test_score_accepts_zero_padded_circo_ids(data, tmp_path):
+    bench = build_benchmark("circo", data / "CIRCO", "val")
+    q, g = random_features(bench, 3)
+    arrays = bench.feature_arrays(q, g)
+    arrays["gallery_ids"] = np.array([f"{int(x):012d}" for x in arrays["gallery_ids"]])
+    npz = save_npz(tmp_path / "f.npz", arrays)
+    assert score("circo", data / "CIRCO", "val", npz, tmp_path / "o")["metrics"] == pytest.approx(
+        bench.score(q, g)
+    )
+
+
 @pytest.mark.parametrize(
     ("make", "call", "match"),
     [

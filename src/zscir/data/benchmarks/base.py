@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,13 +135,22 @@ class Benchmark(ABC):
     def features_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> tuple[Tensor, Tensor]:
         """(query, gallery) features from ``features.npz`` arrays, re-ordered to :attr:`queries` and
         :attr:`gallery` by id. Every id must be present exactly once; none may be foreign."""
-        queries = align_by_ids(arrays, "query", [q.query_id for q in self.queries], self.name)
-        gallery = align_by_ids(arrays, "gallery", [g.image_id for g in self.gallery], self.name)
+        queries = align_by_ids(
+            arrays, "query", [q.query_id for q in self.queries], self.name, self.canonical_id
+        )
+        gallery = align_by_ids(
+            arrays, "gallery", [g.image_id for g in self.gallery], self.name, self.canonical_id
+        )
         if queries.shape[1] != gallery.shape[1]:
             raise ValueError(
                 f"{self.name}: query features have dimension {queries.shape[1]}, gallery features {gallery.shape[1]}"
             )
         return queries, gallery
+
+    @staticmethod
+    def canonical_id(value: str) -> str:
+        """An id as this benchmark writes it (CIRCO: ``"000000243611"`` -> ``"243611"``)."""
+        return value
 
     def score_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         """:meth:`score` on a saved ``features.npz`` (no model needed)."""
@@ -161,13 +170,20 @@ def ids_from_array(values: np.ndarray | Sequence) -> list[str]:
     return out
 
 
-def align_by_ids(arrays: Mapping[str, np.ndarray], kind: str, expected: list[str], name: str) -> Tensor:
-    """``arrays[f"{kind}_feats"]`` re-ordered to ``expected`` ids using ``arrays[f"{kind}_ids"]``."""
+def align_by_ids(
+    arrays: Mapping[str, np.ndarray],
+    kind: str,
+    expected: list[str],
+    name: str,
+    canonical: Callable[[str], str] = str,
+) -> Tensor:
+    """``arrays[f"{kind}_feats"]`` re-ordered to ``expected`` ids using ``arrays[f"{kind}_ids"]``
+    (each passed through ``canonical`` first)."""
     id_key, feat_key = f"{kind}_ids", f"{kind}_feats"
     missing_keys = [k for k in (id_key, feat_key) if k not in arrays]
     if missing_keys:
         raise ValueError(f"{name}: the features file has no {missing_keys} (it has {sorted(arrays)})")
-    ids = ids_from_array(arrays[id_key])
+    ids = [canonical(x) for x in ids_from_array(arrays[id_key])]
     feats = np.asarray(arrays[feat_key])
     if feats.ndim != 2 or feats.shape[0] != len(ids):
         raise ValueError(

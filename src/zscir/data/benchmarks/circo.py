@@ -116,6 +116,10 @@ class CIRCO(Benchmark):
                 log.warning("%s: query %d lists a ground truth twice: %s", where, position, list(gts))
         return Query(str(position), self.gallery[index[ref]], (rec["relative_caption"],), gts)
 
+    @staticmethod
+    def canonical_id(value: str) -> str:
+        return str(int(value)) if value.strip().isdigit() else value
+
     def score(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, float]:
         if not self.labelled:
             raise ValueError(

@@ -18,8 +18,10 @@ triplet's index in ``cap.<category>.<split>.json`` (``<category>/<index>`` with 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -123,6 +125,25 @@ class FashionIQ(Benchmark):
             ):
                 return cat
         return "all"
+
+    def features_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> tuple[Tensor, Tensor]:
+        """As the base class; a features file of ``category="all"`` (ids ``<category>/<index>``, the
+        union gallery) is also accepted for a single category: its rows are selected."""
+        ids = ids_from_array(arrays.get("query_ids", []))
+        if self.category != "all" and ids and all("/" in x for x in ids):
+            prefix = f"{self.category}/"
+            keep = [i for i, x in enumerate(ids) if x.startswith(prefix)]
+            own = {g.image_id for g in self.gallery}
+            gallery_ids = ids_from_array(arrays.get("gallery_ids", []))
+            in_gallery = [i for i, x in enumerate(gallery_ids) if x in own]
+            arrays = {
+                **arrays,
+                "query_ids": np.array([ids[i][len(prefix) :] for i in keep], dtype=str),
+                "query_feats": np.asarray(arrays["query_feats"])[keep],
+                "gallery_ids": np.array([gallery_ids[i] for i in in_gallery], dtype=str),
+                "gallery_feats": np.asarray(arrays["gallery_feats"])[in_gallery],
+            }
+        return super().features_from_arrays(arrays)
 
     def _read_triplets(self, cat: str, gallery: set[str]) -> None:
         where = f"captions/cap.{cat}.{self.split}.json"

@@ -9,7 +9,14 @@ from zscir.metrics.functional import (
     cirr_metrics,
     recall_from_ranks,
 )
-from zscir.retrieval.search import normalize, rank_candidates, similarity_chunks, target_ranks, topk_search
+from zscir.retrieval.search import (
+    duplicate_rows,
+    normalize,
+    rank_candidates,
+    similarity_chunks,
+    target_ranks,
+    topk_search,
+)
 
 
 def oracle_ranking(q, g, exclude=None):
@@ -124,6 +131,9 @@ def test_identical_gallery_features_always_tie_exactly():
     g, q = torch.randn(33, 64), torch.randn(5, 64)
     copies = [19, 32]  # the same image three times
     g[copies] = g[0].clone()
+    rows, first = duplicate_rows(normalize(g))
+    assert (rows.tolist(), first.tolist()) == ([19, 32], [0, 0])
+    assert duplicate_rows(normalize(torch.randn(33, 64))) is None
     (s,) = [chunk for _, _, chunk in similarity_chunks(q, g)]
     assert torch.equal(s[:, 19], s[:, 0])
     assert torch.equal(s[:, 32], s[:, 0])

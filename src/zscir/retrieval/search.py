@@ -6,8 +6,8 @@ budget, and only ``k`` indices per query are kept. Ties are broken towards the l
 
 Identical gallery features always score identically: a BLAS matrix product may round the same dot
 product differently depending on a row's position, which would turn an exact tie (the same image
-twice in a gallery) into an arbitrary order. Scores are therefore computed once per distinct gallery
-row and broadcast to its duplicates.
+twice in a gallery) into an arbitrary order. Duplicate gallery rows are therefore found once (a row
+hash, then an exact comparison) and given the score of their first copy.
 """
 
 from __future__ import annotations
@@ -31,25 +31,48 @@ def chunk_rows(num_queries: int, num_gallery: int, budget: int = DEFAULT_BUDGET)
     return max(1, min(num_queries, budget // max(1, num_gallery)))
 
 
-def _distinct_rows(g: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(distinct rows, inverse index) — inverse None when every row is distinct."""
-    distinct, inverse = torch.unique(g, dim=0, return_inverse=True)
-    return (g, None) if distinct.shape[0] == g.shape[0] else (distinct, inverse)
+def duplicate_rows(g: Tensor, budget: int = DEFAULT_BUDGET) -> tuple[Tensor, Tensor] | None:
+    """``(rows, first)``: every row of ``g`` equal to an earlier row, and the index of that row's first
+    copy; None when all rows are distinct. Memory stays within ``budget`` elements beyond ``g``."""
+    if g.shape[0] < 2:
+        return None
+    bits = torch.arange(1, g.shape[1] + 1, device=g.device, dtype=torch.int64) * 2654435761 % (2**31 - 1)
+    hashes = torch.empty(g.shape[0], dtype=torch.int64, device=g.device)
+    step = max(1, budget // max(1, g.shape[1]))
+    for start in range(0, g.shape[0], step):  # wrap-around int64 arithmetic: a hash, not a number
+        hashes[start : start + step] = (
+            g[start : start + step].contiguous().view(torch.int32).long() * bits
+        ).sum(1)
+    _, inverse, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
+    if int(counts.max()) == 1:
+        return None
+    rows, first = [], []
+    for group in torch.nonzero(counts > 1).squeeze(1).tolist():
+        members = torch.nonzero(inverse == group).squeeze(1).tolist()  # ascending: gallery order
+        for m in members[1:]:
+            same = next((f for f in members if f < m and torch.equal(g[f], g[m])), None)
+            if same is not None:  # (a hash collision between different rows is simply not a duplicate)
+                rows.append(m)
+                first.append(same)
+    if not rows:
+        return None
+    return torch.tensor(rows, device=g.device), torch.tensor(first, device=g.device)
 
 
 def similarity_chunks(
     query_feats: Tensor, gallery_feats: Tensor, budget: int = DEFAULT_BUDGET, normalized: bool = False
 ) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(start, stop, scores[stop - start, N])`` cosine similarities, a few query rows at a time."""
+    """Yield ``(start, stop, scores[stop - start, N])`` cosine similarities, a few query rows at a time;
+    identical gallery rows get bitwise identical scores."""
     q = query_feats if normalized else normalize(query_feats)
     g = gallery_feats if normalized else normalize(gallery_feats)
-    distinct, inverse = _distinct_rows(g)
+    duplicates = duplicate_rows(g, budget)
     step = chunk_rows(q.shape[0], g.shape[0], budget)
     for start in range(0, q.shape[0], step):
         stop = min(start + step, q.shape[0])
-        s = q[start:stop] @ distinct.T
-        if inverse is not None:
-            s = s[:, inverse]
+        s = q[start:stop] @ g.T
+        if duplicates is not None:
+            s[:, duplicates[0]] = s[:, duplicates[1]]
         yield start, stop, s
         del s  # the consumer deletes its reference too: one chunk alive at a time
 

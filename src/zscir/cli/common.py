@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,59 @@ def _root() -> str:
     return os.environ.get("ZSCIR_ROOT", str(REPO_ROOT))
 
 
+def _launcher_id() -> str | None:
+    """An id that every process of one multi-process launch shares, from the environment alone (the
+    run directory is named before any process group exists): ``$ZSCIR_RUN_ID``; srun with several
+    tasks: ``slurm-<job>-<step>``; torchrun: ``torchrun-<rdzv id>``, or without ``--rdzv-id``/
+    ``--standalone`` ``torchrun-<host>-<agent pid>-<agent start>`` (the local workers' common parent;
+    nodes of a multi-node run need ``--rdzv-id`` or ``$ZSCIR_RUN_ID`` to agree). None for a
+    single-process run."""
+    if os.environ.get("ZSCIR_RUN_ID"):
+        return os.environ["ZSCIR_RUN_ID"]
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and os.environ.get("SLURM_JOB_ID"):
+        step = os.environ.get("SLURM_STEP_ID")
+        return f"slurm-{os.environ['SLURM_JOB_ID']}" + (f"-{step}" if step else "")
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rdzv = os.environ["TORCHELASTIC_RUN_ID"]
+        if rdzv and rdzv != "none":
+            return f"torchrun-{rdzv[:12]}"
+        return f"torchrun-{socket.gethostname()}-{os.getppid()}-{_process_start(os.getppid())}"
+    return None
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, from /proc; else today's date), so that a
+    recycled agent pid does not name an old run's directory."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return f"{datetime.now():%Y%m%d}"
+
+
+def _run_stamp() -> str:
+    """The last part of a run (or sweep) directory: ``<date>_<time>_<6 hex>``, or the launcher's id
+    when several processes must agree on it. A timestamp alone is not enough: jobs started in the same
+    second collide, and DDP ranks may stamp different seconds (STYLE.md §5, pitfall 2)."""
+    return _launcher_id() or f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{uuid.uuid4().hex[:6]}"
+
+
 def _run_id() -> str:
-    """One id per run, shared by every process of it (torchrun sets TORCHELASTIC_RUN_ID; SLURM a job id)."""
+    """One id per run, shared by every process of it (kept for configs that still use ``${run_id:}``)."""
     for var in ("ZSCIR_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
         if os.environ.get(var) and os.environ[var] != "none":
             return os.environ[var][:12]
     return uuid.uuid4().hex[:6]
+
+
+def _from_run(run_dir: str | None, key: str, default: Any = None) -> Any:
+    """``key`` of the training run ``run_dir``'s saved config (``default`` when there is none), so an
+    evaluation of a run is filed under that run's method, backbone and seed."""
+    if not run_dir:
+        return default
+    saved = Path(str(run_dir)).expanduser() / "resolved_config.yaml"
+    if not saved.is_file():
+        return default  # evaluate() reports the bad run_dir with a clear message
+    return OmegaConf.select(OmegaConf.load(saved), key, default=default)
 
 
 def _cpu_precision() -> str:
@@ -59,6 +108,8 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("zscir_root"):
         OmegaConf.register_new_resolver("zscir_root", _root)
         OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
+        OmegaConf.register_new_resolver("run_stamp", _run_stamp, use_cache=True)
+        OmegaConf.register_new_resolver("from_run", _from_run)
         OmegaConf.register_new_resolver("cpu_precision", _cpu_precision, use_cache=True)
 
 
@@ -123,6 +174,9 @@ ROOT_KEYS = {
         "resume",
         "synth",
         "experiment_name",
+        "optimized_metric",
+        "visualize",
+        "visualize_k",
         "hydra",
     },
     "eval": {
@@ -143,6 +197,8 @@ ROOT_KEYS = {
         "synth",
         "experiment_name",
         "save_features",
+        "visualize",
+        "visualize_k",
         "hydra",
     },
 }
@@ -253,19 +309,91 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name, overrides=overrides)
 
 
+# ---- launch -------------------------------------------------------------------------------------
+def device_count(trainer: dict) -> int:
+    """Processes per node that ``trainer`` (Trainer kwargs) asks for (``auto``/-1: what is visible)."""
+    devices, accelerator = trainer.get("devices", "auto"), str(trainer.get("accelerator", "auto"))
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    if str(devices) in ("auto", "-1"):
+        import torch
+
+        gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        return torch.cuda.device_count() if gpu else 1
+    return int(devices)
+
+
+def relaunches_script(trainer: dict) -> bool:
+    """Whether Lightning would start the other ranks by re-running this command line (``sys.argv``):
+    a multi-device ``ddp``-style strategy not launched externally. ``ddp_spawn``/``ddp_fork`` start
+    their workers in-process and are safe."""
+    strategy = str(trainer.get("strategy", "auto")).lower()
+    if any(s in strategy for s in ("spawn", "fork", "notebook")) or strategy in ("dp", "single_device"):
+        return False
+    return device_count(trainer) * int(trainer.get("num_nodes") or 1) > 1
+
+
+def check_launch(cfg: DictConfig, multirun: bool | None = None) -> None:
+    """Refuse a Hydra multirun job that would be multi-process (STYLE.md §5, pitfall 1).
+
+    Lightning starts DDP ranks > 0 by re-running ``sys.argv``; inside ``-m`` that is the whole sweep
+    again (Lightning #11300, Hydra #2070): hangs, duplicated jobs, one W&B run for several. And a sweep
+    started under torchrun/srun would run every job in every process. Sweep jobs are therefore
+    single-process; a multi-GPU run is a single ``zscir-train`` launched by torchrun or srun.
+    """
+    from zscir.cli.tracking import hydra_multirun
+
+    if not (hydra_multirun() if multirun is None else multirun):
+        return
+    world = max(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")))
+    if world > 1:
+        raise RuntimeError(
+            f"Hydra multirun (-m) inside a {world}-process launch (torchrun/srun): every process would run "
+            "the whole sweep. Start the sweep as one process (each job then uses one device), or launch "
+            "each multi-GPU run as a single `zscir-train trainer=ddp ...` under torchrun/srun."
+        )
+    trainer = plain(cfg.trainer)
+    if relaunches_script(trainer):
+        raise RuntimeError(
+            f"Hydra multirun (-m) with trainer.strategy={trainer.get('strategy')} on "
+            f"{device_count(trainer)} devices: Lightning would start the other ranks by re-running this "
+            "command line, i.e. the whole sweep (Lightning #11300, Hydra #2070). Use one device per sweep "
+            "job (trainer.devices=1), or trainer.strategy=ddp_spawn, or launch the multi-GPU run as a "
+            "single `zscir-train trainer=ddp ...` under torchrun/srun (README: Multi-GPU)."
+        )
+
+
 # ---- trainer --------------------------------------------------------------------------------------
 def build_loggers(cfg: DictConfig) -> list:
+    """The configured loggers; one that cannot start (W&B unreachable, not logged in) is dropped with a
+    warning and never fails the run. W&B gets this run's identity (see ``zscir.cli.tracking``)."""
+    from zscir.cli.tracking import is_wandb, start_wandb, wandb_settings
+
     loggers = []
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None:
             continue
         try:
-            loggers.append(instantiate(conf))
-        except Exception as err:  # e.g. W&B unreachable or not logged in: never fail the run for a logger
+            conf = plain(conf)
+            if str(conf.get("_target_", "")).endswith("WandbLogger"):
+                benchmarks = [b.get("name") or b["kind"] for b in benchmark_configs(cfg)]
+                conf = wandb_settings(conf, cfg, Path(cfg.paths.run_dir), benchmarks)
+            logger = instantiate(conf)
+            if is_wandb(logger):
+                start_wandb(logger)  # W&B starts lazily: make an unreachable W&B fail here, not mid-run
+            loggers.append(logger)
+        except Exception as err:
             log.warning(
                 "logger %s could not start (%s: %s); continuing without it", name, type(err).__name__, err
             )
     return loggers
+
+
+def wandb_examples(cfg: DictConfig) -> int:
+    """Retrieval examples per benchmark to log to W&B (``logger.wandb.examples``; 0 without W&B)."""
+    return int(OmegaConf.select(cfg, "logger.wandb.examples", default=0) or 0)
 
 
 def build_trainer(
@@ -286,7 +414,38 @@ def flat_metrics(eval_results: dict[str, dict], prefix_benchmark: bool) -> dict[
     return out
 
 
-def write_run_info(run_dir: Path, cfg: DictConfig, task: str, metrics: dict[str, float]) -> None:
+def test_metrics(method: Any, trainer: L.Trainer, prefix_benchmark: bool) -> dict[str, float]:
+    """Metrics of the last ``trainer.test``. With ``ddp_spawn``/``ddp_fork`` the evaluation ran in
+    worker processes, so this process's ``method.eval_results`` is empty: read the logged
+    ``test/<benchmark>/<metric>`` values Lightning brings back instead."""
+    if method.eval_results:
+        return flat_metrics(method.eval_results, prefix_benchmark)
+    out = {}
+    for key, value in trainer.callback_metrics.items():
+        if key.startswith("test/"):
+            name = key[len("test/") :]
+            out[name if prefix_benchmark else name.split("/", 1)[1]] = float(value)
+    return out
+
+
+def is_global_zero() -> bool:
+    """Rank 0 before a Trainer exists (Lightning reads the launcher's rank variables at import)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def write_resolved_config(run_dir: Path, cfg: DictConfig) -> None:
+    """Saved at the start of a run, so a run that is still going or crashed can be re-evaluated."""
+    if is_global_zero():
+        atomic_write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def write_run_info(
+    run_dir: Path, cfg: DictConfig, task: str, metrics: dict[str, float], checkpoint: Path | None = None
+) -> None:
+    """``run_info.json``, ``metrics.json`` and ``resolved_config.yaml``; ``checkpoint``: the weights
+    the metrics were computed with (``zscir-eval run_dir=`` reloads it)."""
     info = {
         "task": task,
         "label": cfg.get("label") or cfg.method.name,
@@ -297,9 +456,47 @@ def write_run_info(run_dir: Path, cfg: DictConfig, task: str, metrics: dict[str,
         "tags": list(cfg.get("tags") or []),
         "experiment": cfg.get("experiment_name"),
     }
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        info["checkpoint"] = str(
+            checkpoint.relative_to(run_dir) if checkpoint.is_relative_to(run_dir) else checkpoint
+        )
     atomic_write_json(run_dir / "run_info.json", info)
     atomic_write_json(run_dir / "metrics.json", metrics)
     atomic_write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def write_examples(
+    cfg: DictConfig, method: Any, benchmarks: list[Benchmark], run_dir: Path, loggers: list
+) -> list[Path]:
+    """Retrieval examples after an evaluation (rank 0): ``visualize=N`` PNG grids per benchmark under
+    ``<run_dir>/retrievals/<benchmark>/``, and ``logger.wandb.examples`` of them as a W&B table."""
+    from zscir.cli.tracking import is_wandb, log_wandb_examples
+    from zscir.retrieval.visualize import pick_queries, retrieve, write_grids
+
+    n_png, k = int(cfg.get("visualize") or 0), int(cfg.get("visualize_k") or 5)
+    wandb_loggers = [lg for lg in loggers if is_wandb(lg)]
+    n_wandb = wandb_examples(cfg) if wandb_loggers else 0
+    if not (n_png or n_wandb):
+        return []
+    paths = []
+    for bench in benchmarks:
+        feats = method.eval_results.get(bench.name, {}).get("features")
+        if feats is None:
+            log.warning("no features of %s in this process (ddp_spawn?): no retrieval examples", bench.name)
+            continue
+        for_png, for_wandb = (
+            pick_queries(len(bench.queries), n_png),
+            pick_queries(len(bench.queries), n_wandb),
+        )
+        items = {it.query_index: it for it in retrieve(bench, *feats, sorted({*for_png, *for_wandb}), k)}
+        if for_png:
+            paths += write_grids(bench, [items[i] for i in for_png], run_dir / "retrievals" / bench.name, k)
+        for lg in wandb_loggers:
+            log_wandb_examples(lg, bench, [items[i] for i in for_wandb], k)
+    if paths:
+        log.info("wrote %d retrieval grids under %s", len(paths), run_dir / "retrievals")
+    return paths
 
 
 def write_features(path: Path, benchmark: Benchmark, query_feats: Any, gallery_feats: Any) -> None:

@@ -3,6 +3,7 @@
     zscir-eval method=sum backbone=clip_vit_l14 benchmark=cirr benchmark.root=/data/CIRR benchmark.split=test1
     zscir-eval method=lincir backbone=hf_clip_vit_l14 ckpt_path=/runs/x/checkpoints/last.ckpt benchmark=circo
     zscir-eval run_dir=outputs/train/lincir/2026-11-23_10-00-00_ab12cd benchmark=synthetic_circo
+    zscir-eval run_dir=... benchmark=synthetic_cirr visualize=8   # + retrieval grids (PNG) per query
 
 Writes ``metrics.json`` (flat, percent), ``features.npz`` and, for unlabelled test splits, the server
 submission files into the run directory.
@@ -10,6 +11,7 @@ submission files into the run directory.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -24,32 +26,58 @@ from zscir.cli.common import (
     build_benchmarks,
     build_loggers,
     build_trainer,
+    check_launch,
     ensure_backbone,
     ensure_synthetic_world,
-    flat_metrics,
+    is_global_zero,
     plain,
     print_metrics,
+    test_metrics,
     validate_config,
+    write_examples,
     write_features,
     write_run_info,
     write_submissions,
 )
+from zscir.cli.tracking import finish_wandb, log_wandb_summary, mark_latest_sweep
 from zscir.methods import RetrievalMethod, build_method
 from zscir.retrieval.cache import GalleryCache
 
 log = logging.getLogger("zscir")
 
 
+def find_runs(directory: Path) -> list[Path]:
+    """Run directories (holding ``resolved_config.yaml``) under ``directory``."""
+    return sorted(p.parent for p in directory.rglob("resolved_config.yaml"))
+
+
 def load_run(run_dir: str | Path) -> tuple[DictConfig, Path | None]:
-    """The saved config of a training run and its best (else last) checkpoint, if it has one."""
+    """A training run's saved config and the checkpoint to evaluate: the one its final metrics were
+    computed with (``run_info.json``: the best by ``checkpoint.monitor``, else the last), else — for a
+    run still going or interrupted — its ``last.ckpt``; None for a method that trains nothing."""
     run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run_dir={run_dir} does not exist")
     config = run_dir / "resolved_config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a zscir run directory (no resolved_config.yaml)")
+        inside = find_runs(run_dir)
+        hint = (
+            f"; it holds {len(inside)} runs (a sweep directory?), e.g. {inside[0]}. Evaluate them all with "
+            f"`zscir-eval -m run_dir={','.join(str(r) for r in inside[:2])}{',...' if len(inside) > 2 else ''} benchmark=...`"
+            if inside
+            else "; pass the directory of a zscir-train run (outputs/train/<method>/<run>)"
+        )
+        raise FileNotFoundError(f"{run_dir} is not a zscir run directory (no resolved_config.yaml){hint}")
+    saved = OmegaConf.load(config)
     ckpts = run_dir / "checkpoints"
-    best = sorted(p for p in ckpts.glob("epoch_*.ckpt")) if ckpts.is_dir() else []
-    ckpt = best[-1] if best else (ckpts / "last.ckpt" if (ckpts / "last.ckpt").is_file() else None)
-    return OmegaConf.load(config), ckpt
+    info_file = run_dir / "run_info.json"
+    recorded = json.loads(info_file.read_text()).get("checkpoint") if info_file.is_file() else None
+    candidates = [run_dir / recorded] if recorded else []
+    candidates += [ckpts / "last.ckpt"]
+    ckpt = next((c for c in candidates if c.is_file()), None)
+    if recorded and ckpt != run_dir / recorded:
+        log.warning("%s: checkpoint %s is gone; using %s", run_dir, recorded, ckpt)
+    return saved, ckpt
 
 
 def load_checkpoint(method: RetrievalMethod, path: str | Path) -> None:
@@ -66,17 +94,30 @@ def load_checkpoint(method: RetrievalMethod, path: str | Path) -> None:
     method.weights_tag = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
+def from_run_dir(cfg: DictConfig) -> None:
+    """Take the method, backbone, seed, label, experiment and tags of the run ``cfg.run_dir``, and its
+    checkpoint unless ``ckpt_path`` is given, so no training override has to be repeated (STYLE.md §5,
+    pitfall 5). The benchmark, trainer and eval settings stay this command's."""
+    saved, ckpt = load_run(cfg.run_dir)
+    with open_dict(cfg):
+        cfg.method, cfg.backbone, cfg.seed = saved.method, saved.backbone, saved.seed
+        cfg.label = cfg.label or saved.get("label")
+        cfg.experiment_name = cfg.get("experiment_name") or saved.get("experiment_name")
+        cfg.tags = list(dict.fromkeys([*(saved.get("tags") or []), *(cfg.get("tags") or [])]))
+        cfg.ckpt_path = cfg.ckpt_path or (str(ckpt) if ckpt else None)
+    log.info("evaluating run %s (method %s, checkpoint %s)", cfg.run_dir, cfg.method.name, cfg.ckpt_path)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate one method on ``benchmark`` (or ``eval_benchmarks``); returns the metrics."""
     if cfg.get("run_dir"):
-        saved, ckpt = load_run(cfg.run_dir)
-        with open_dict(cfg):
-            cfg.method, cfg.backbone = saved.method, saved.backbone
-            cfg.label = cfg.label or saved.get("label")
-            cfg.ckpt_path = cfg.ckpt_path or (str(ckpt) if ckpt else None)
+        from_run_dir(cfg)
     validate_config(cfg, "eval")
+    check_launch(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if is_global_zero():
+        mark_latest_sweep()
     ensure_synthetic_world(cfg)
     ensure_backbone(cfg)
     torch.manual_seed(cfg.seed)
@@ -84,6 +125,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     method = build_method(plain(cfg.backbone), plain(cfg.method))
     if cfg.get("ckpt_path"):
         load_checkpoint(method, cfg.ckpt_path)
+    elif cfg.get("run_dir") and method.trains:
+        raise FileNotFoundError(
+            f"run {cfg.run_dir} trained {cfg.method.name} but has no checkpoint (checkpoints/last.ckpt); "
+            "pass ckpt_path=... to evaluate other weights"
+        )
     benchmarks = build_benchmarks(benchmark_configs(cfg))
     if not benchmarks:
         raise ValueError("nothing to evaluate: set benchmark=<name> or eval_benchmarks=[...]")
@@ -93,26 +139,47 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         num_workers=cfg.eval.num_workers,
         cache=GalleryCache(cfg.paths.cache_dir) if cfg.eval.cache_gallery else None,
     )
-    trainer = build_trainer(cfg, run_dir, [], build_loggers(cfg))
-    trainer.test(method, verbose=False)
-    metrics = flat_metrics(method.eval_results, prefix_benchmark=len(benchmarks) > 1)
-    if trainer.global_rank == 0:
-        for bench in benchmarks:
-            feats = method.eval_results[bench.name]["features"]
-            if feats is None:
-                continue
-            if cfg.save_features:
-                name = "features.npz" if len(benchmarks) == 1 else f"features_{bench.name}.npz"
-                write_features(run_dir / name, bench, *feats)
-            if bench.split in bench.submission_splits:
-                for path in write_submissions(run_dir, bench, *feats):
-                    log.info("wrote submission file %s", path)
-        write_run_info(run_dir, cfg, "eval", metrics)
-        print_metrics(
-            f"{cfg.get('label') or cfg.method.name} ({cfg.backbone.name}, {backbone_fingerprint(plain(cfg.backbone))[:8]}) -> {run_dir}",
-            metrics,
-        )
+    loggers = build_loggers(cfg)
+    failed = True
+    try:
+        for lg in loggers:
+            lg.log_hyperparams(plain(cfg))
+        trainer = build_trainer(cfg, run_dir, [], loggers)
+        trainer.test(method, verbose=False)
+        metrics = test_metrics(method, trainer, prefix_benchmark=len(benchmarks) > 1)
+        if trainer.global_rank == 0:
+            _write_outputs(cfg, method, benchmarks, run_dir, metrics, loggers)
+        failed = False
+    finally:  # each evaluation (each job of `zscir-eval -m`) is its own W&B run
+        finish_wandb(loggers, failed=failed)
     return metrics
+
+
+def _write_outputs(
+    cfg: DictConfig,
+    method: RetrievalMethod,
+    benchmarks: list,
+    run_dir: Path,
+    metrics: dict[str, float],
+    loggers: list,
+) -> None:
+    for bench in benchmarks:
+        feats = method.eval_results.get(bench.name, {}).get("features")
+        if feats is None:
+            continue
+        if cfg.save_features:
+            name = "features.npz" if len(benchmarks) == 1 else f"features_{bench.name}.npz"
+            write_features(run_dir / name, bench, *feats)
+        if bench.split in bench.submission_splits:
+            for path in write_submissions(run_dir, bench, *feats):
+                log.info("wrote submission file %s", path)
+    write_examples(cfg, method, benchmarks, run_dir, loggers)
+    log_wandb_summary(loggers, metrics, run_dir)
+    write_run_info(run_dir, cfg, "eval", metrics, Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None)
+    print_metrics(
+        f"{cfg.get('label') or cfg.method.name} ({cfg.backbone.name}, {backbone_fingerprint(plain(cfg.backbone))[:8]}) -> {run_dir}",
+        metrics,
+    )
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")

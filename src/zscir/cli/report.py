@@ -1,7 +1,12 @@
 """``zscir-report DIR...``: one side-by-side table (markdown + CSV) and bar charts from many runs.
 
-Collects every ``metrics.json`` under the given run or sweep directories (with the ``run_info.json``
-written beside it), groups runs by (label, backbone), and reports mean ± std over seeds.
+    zscir-report outputs/train/multirun/<sweep> --out outputs/report
+
+Collects every ``metrics.json`` under the given run or sweep directories (with the ``run_info.json`` and
+``resolved_config.yaml`` written beside it), groups runs by (label, backbone, swept settings), and reports
+mean ± std over seeds. A swept setting is a config key whose value differs between runs of one method and
+backbone (e.g. ``method.mask_ratio``); it gets a column, and when it is the only one, a metric-vs-setting
+plot.
 """
 
 from __future__ import annotations
@@ -11,17 +16,78 @@ import csv
 import io
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
 from zscir.utils.io import atomic_write_bytes, atomic_write_text
 
+#: config keys that never make two runs different settings (where things live, how they are logged,
+#: per-run identity and speed knobs); ``seed`` is averaged over, not a setting
+IGNORED_KEYS = (
+    "seed",
+    "label",
+    "tags",
+    "task_name",
+    "experiment_name",
+    "resume",
+    "run_dir",
+    "ckpt_path",
+    "optimized_metric",
+    "visualize",
+    "visualize_k",
+    "save_features",
+    "paths.",
+    "hydra.",
+    "logger.",
+    "synth.",
+    "checkpoint.",
+    "benchmark.",
+    "eval_benchmarks",
+    "eval.",
+    "data.num_workers",
+    "backbone.cache_dir",
+    "method.export_backbone",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
+
+
+def _natural(path: Path) -> list:
+    """Sort key putting sweep job ``2_…`` before ``10_…``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _flatten(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        out: dict[str, object] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
+
+
+def _load_config(run_dir: Path) -> dict[str, object]:
+    """The run's resolved config, flattened to dotted keys (empty when it has none)."""
+    file = run_dir / "resolved_config.yaml"
+    if not file.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    return _flatten(OmegaConf.to_container(OmegaConf.load(file), resolve=False))
+
 
 def collect_runs(dirs: list[str | Path]) -> list[dict]:
-    """Every run (``metrics.json`` + ``run_info.json``) found under ``dirs``, metrics keyed ``<benchmark>/<metric>``."""
+    """Every run (``metrics.json`` + ``run_info.json`` + ``resolved_config.yaml``) under ``dirs``,
+    metrics keyed ``<benchmark>/<metric>``, in directory order (sweep jobs by job number)."""
     runs = []
     for d in dirs:
-        for metrics_file in sorted(Path(d).rglob("metrics.json")):
+        for metrics_file in sorted(Path(d).rglob("metrics.json"), key=_natural):
             info_file = metrics_file.with_name("run_info.json")
             info = json.loads(info_file.read_text()) if info_file.is_file() else {}
             metrics = json.loads(metrics_file.read_text())
@@ -35,41 +101,72 @@ def collect_runs(dirs: list[str | Path]) -> list[dict]:
                     "backbone": info.get("backbone", "?"),
                     "seed": info.get("seed"),
                     "metrics": metrics,
+                    "config": _load_config(metrics_file.parent),
                 }
             )
     return runs
 
 
-def summarize(runs: list[dict]) -> tuple[list[str], list[dict]]:
-    """(metric columns, rows) with ``mean``/``std``/``n`` per (label, backbone), in first-seen order."""
-    columns: list[str] = []
+def _ignored(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED_KEYS)
+
+
+def sweep_parameters(runs: list[dict]) -> list[str]:
+    """Config keys whose value differs between runs of the same (label, backbone): the swept settings
+    (e.g. ``method.mask_ratio``). Keys that only differ between methods or backbones do not count."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run in runs:
         groups[(run["label"], run["backbone"])].append(run)
+    varying: list[str] = []
+    for members in groups.values():
+        keys = sorted({k for m in members for k in m["config"]})
+        for key in keys:
+            if _ignored(key) or key in varying:
+                continue
+            if len({json.dumps(m["config"].get(key), sort_keys=True) for m in members}) > 1:
+                varying.append(key)
+    return varying
+
+
+def summarize(runs: list[dict], params: list[str] | None = None) -> tuple[list[str], list[dict]]:
+    """(metric columns, rows) with ``mean``/``std``/``n`` per (label, backbone, swept values), in
+    first-seen order. ``params``: the swept keys (default: :func:`sweep_parameters`)."""
+    params = sweep_parameters(runs) if params is None else params
+    columns: list[str] = []
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        values = tuple(run["config"].get(p) for p in params)
+        groups[(run["label"], run["backbone"], values)].append(run)
         columns += [k for k in run["metrics"] if k not in columns]
     rows = []
-    for (label, backbone), members in groups.items():
-        row = {"method": label, "backbone": backbone, "n": len(members), "mean": {}, "std": {}}
+    for (label, backbone, values), members in groups.items():
+        row = {
+            "method": label,
+            "backbone": backbone,
+            "params": dict(zip(params, values)),
+            "n": len(members),
+            "mean": {},
+            "std": {},
+        }
         for col in columns:
-            values = [m["metrics"][col] for m in members if col in m["metrics"]]
-            if values:
-                mean = sum(values) / len(values)
+            vals = [m["metrics"][col] for m in members if col in m["metrics"]]
+            if vals:
+                mean = sum(vals) / len(vals)
                 row["mean"][col] = mean
                 row["std"][col] = (
-                    math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                    if len(values) > 1
-                    else 0.0
+                    math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
                 )
         rows.append(row)
     return columns, rows
 
 
 def render_tables(columns: list[str], rows: list[dict]) -> tuple[str, str]:
-    """(markdown, csv). A backbone column appears when runs use several backbones, std columns when
-    any row averages several seeds."""
+    """(markdown, csv). A backbone column appears when runs use several backbones, one column per swept
+    setting when one varies, and std columns when any row averages several seeds."""
     several_backbones = len({r["backbone"] for r in rows}) > 1
     with_std = any(r["n"] > 1 for r in rows)
-    head = ["method"] + (["backbone"] if several_backbones else []) + (["seeds"] if with_std else [])
+    params = list(rows[0].get("params", {})) if rows else []
+    head = ["method"] + (["backbone"] if several_backbones else []) + params + (["seeds"] if with_std else [])
     md = ["| " + " | ".join(head + columns) + " |", "|" + "---|" * (len(head) + len(columns))]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -78,6 +175,7 @@ def render_tables(columns: list[str], rows: list[dict]) -> tuple[str, str]:
         ident = (
             [r["method"]]
             + ([r["backbone"]] if several_backbones else [])
+            + [_param(r["params"][p]) for p in params]
             + ([str(r["n"])] if with_std else [])
         )
         cells = []
@@ -95,6 +193,10 @@ def render_tables(columns: list[str], rows: list[dict]) -> tuple[str, str]:
             values += [_fmt(mean)] + ([_fmt(std)] if with_std else [])
         writer.writerow(ident + values)
     return "\n".join(md) + "\n", out.getvalue()
+
+
+def _param(value: object) -> str:
+    return "–" if value is None else str(value)
 
 
 def _fmt(v: float | None) -> str:
@@ -138,12 +240,65 @@ def plot_bars(columns: list[str], rows: list[dict], path: Path, title: str = "")
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def _numeric(values: list) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def plot_sweep(columns: list[str], rows: list[dict], param: str, path: Path, title: str = "") -> Path:
+    """Metric vs one swept setting: one panel per benchmark, one line per (method, backbone) and
+    metric, mean ± std over seeds; numeric settings on a numeric axis, others in first-seen order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = list(dict.fromkeys(r["params"][param] for r in rows))
+    numeric = _numeric(values)
+    if numeric:
+        values = sorted(values)
+    benchmarks = list(dict.fromkeys(c.split("/")[0] for c in columns))
+    fig, axes = plt.subplots(1, len(benchmarks), figsize=(max(6, 4.8 * len(benchmarks)), 4.2), squeeze=False)
+    several = len({(r["method"], r["backbone"]) for r in rows}) > 1
+    for ax, bench in zip(axes[0], benchmarks):
+        for col in [c for c in columns if c.split("/")[0] == bench]:
+            for group in dict.fromkeys((r["method"], r["backbone"]) for r in rows):
+                points = sorted(
+                    (
+                        (values.index(r["params"][param]), r["mean"][col], r["std"].get(col, 0.0))
+                        for r in rows
+                        if (r["method"], r["backbone"]) == group and col in r["mean"]
+                    ),
+                )
+                if not points:
+                    continue
+                xs = [values[i] if numeric else i for i, _, _ in points]
+                name = col.split("/", 1)[1] + (f" ({group[0]}, {group[1]})" if several else "")
+                ax.errorbar(
+                    xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=2, label=name
+                )
+        if not numeric:
+            ax.set_xticks(range(len(values)))
+            ax.set_xticklabels([str(v) for v in values], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel(param)
+        ax.set_ylabel("%")
+        ax.set_title(bench)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: metric vs {param}" if title else f"metric vs {param}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def report(dirs: list[str | Path], out_dir: str | Path, title: str = "zscir results") -> dict[str, Path]:
-    """Write ``results.md``, ``results.csv`` and ``results.png`` into ``out_dir``; returns their paths."""
+    """Write ``results.md``, ``results.csv`` and ``results.png`` into ``out_dir`` (plus
+    ``results_<setting>.png`` when exactly one setting is swept); returns their paths."""
     runs = collect_runs(dirs)
     if not runs:
         raise FileNotFoundError(f"no metrics.json found under {[str(d) for d in dirs]}")
-    columns, rows = summarize(runs)
+    params = sweep_parameters(runs)
+    columns, rows = summarize(runs, params)
     md, table_csv = render_tables(columns, rows)
     out = Path(out_dir)
     paths = {
@@ -151,6 +306,10 @@ def report(dirs: list[str | Path], out_dir: str | Path, title: str = "zscir resu
         "csv": atomic_write_text(out / "results.csv", table_csv),
         "plot": plot_bars(columns, rows, out / "results.png", title),
     }
+    if len(params) == 1:
+        paths["sweep_plot"] = plot_sweep(columns, rows, params[0], out / f"results_{params[0]}.png", title)
+    elif params:
+        print(f"several settings vary ({', '.join(params)}): no metric-vs-setting plot", flush=True)
     print(md, flush=True)
     return paths
 

@@ -1,7 +1,11 @@
 """``zscir-train``: train a method (if it has anything to train), then evaluate it on ``eval_benchmarks``.
 
-zscir-train experiment=demo method=lincir
-zscir-train -m method=pli,lincir seed=0,1,2 backbone=tiny_synthetic
+    zscir-train experiment=demo method=lincir
+    zscir-train -m method=pli,lincir seed=0,1,2 backbone=tiny_synthetic   # one run dir per job
+    torchrun --nproc_per_node=8 -m zscir.cli.train trainer=ddp ...          # one multi-GPU run
+
+Sweep jobs are single-process: ``-m`` with a strategy that re-launches the script is refused
+(``common.check_launch``).
 """
 
 from __future__ import annotations
@@ -20,17 +24,22 @@ from zscir.cli.common import (
     build_benchmarks,
     build_loggers,
     build_trainer,
+    check_launch,
     ensure_backbone,
     ensure_synthetic_world,
-    flat_metrics,
+    is_global_zero,
     parse_config,
     plain,
     print_metrics,
+    test_metrics,
     validate_config,
+    write_examples,
+    write_resolved_config,
     write_run_info,
 )
+from zscir.cli.tracking import Throughput, finish_wandb, log_wandb_summary, mark_latest_sweep
 from zscir.data.loaders import DataConfig, build_train_loader
-from zscir.methods import build_method
+from zscir.methods import RetrievalMethod, build_method
 from zscir.retrieval.cache import GalleryCache
 
 log = logging.getLogger("zscir")
@@ -39,24 +48,41 @@ log = logging.getLogger("zscir")
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate one run described by ``cfg``; returns its metrics (``<benchmark>/<metric>``)."""
     validate_config(cfg, "train")
+    check_launch(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if is_global_zero():
+        mark_latest_sweep()
+    write_resolved_config(run_dir, cfg)
     ensure_synthetic_world(cfg)
     ensure_backbone(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     method = build_method(plain(cfg.backbone), plain(cfg.method))
+    benchmarks = build_benchmarks(benchmark_configs(cfg))
     method.attach_benchmarks(
-        build_benchmarks(benchmark_configs(cfg)),
+        benchmarks,
         batch_size=cfg.eval.batch_size,
         num_workers=cfg.eval.num_workers,
         cache=GalleryCache(cfg.paths.cache_dir) if cfg.eval.cache_gallery else None,
     )
     loggers = build_loggers(cfg)
+    failed = True
+    try:
+        metrics = _fit_and_test(cfg, method, benchmarks, run_dir, loggers)
+        failed = False
+    finally:  # every job of a multirun is its own W&B run, failed or not (STYLE.md §5, pitfall 3)
+        finish_wandb(loggers, failed=failed)
+    return metrics
+
+
+def _fit_and_test(
+    cfg: DictConfig, method: RetrievalMethod, benchmarks: list, run_dir: Path, loggers: list
+) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams(plain(cfg))
 
-    best = None
+    best = evaluated = None
     if method.trains:
         ckpt_cfg = cfg.checkpoint
         checkpoint = ModelCheckpoint(
@@ -69,7 +95,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             save_top_k=1 if ckpt_cfg.monitor else 0,
             every_n_epochs=ckpt_cfg.every_n_epochs,
         )
-        callbacks = [checkpoint] + ([LearningRateMonitor(logging_interval="step")] if loggers else [])
+        callbacks = [checkpoint, Throughput()]
+        if loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         trainer = build_trainer(cfg, run_dir, callbacks, loggers)
         loader = build_train_loader(
             parse_config(DataConfig, plain(cfg.data)), method.encoder.image_transform, seed=cfg.seed
@@ -83,6 +111,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             )
         trainer.fit(method, train_dataloaders=loader, ckpt_path=resume)
         best = checkpoint.best_model_path or None if ckpt_cfg.monitor else None
+        evaluated = Path(best) if best else run_dir / "checkpoints" / "last.ckpt"
     else:
         log.info("method %s has nothing to train; evaluating only", cfg.method.name)
         trainer = build_trainer(cfg, run_dir, [], loggers)
@@ -90,16 +119,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if method.benchmarks:
         trainer.test(method, ckpt_path=best, verbose=False)
-        metrics = flat_metrics(method.eval_results, prefix_benchmark=True)
+        metrics = test_metrics(method, trainer, prefix_benchmark=True)
     if trainer.global_rank == 0:
-        write_run_info(run_dir, cfg, "train", metrics)
+        write_examples(cfg, method, benchmarks, run_dir, loggers)
+        log_wandb_summary(loggers, metrics, run_dir)
+        write_run_info(run_dir, cfg, "train", metrics, evaluated)
         print_metrics(f"{cfg.get('label') or cfg.method.name} ({cfg.backbone.name}) -> {run_dir}", metrics)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Returns ``optimized_metric`` for hyper-parameter sweepers (Optuna) when it is set."""
+    metrics = train(cfg)
+    key = cfg.get("optimized_metric")
+    if not key:
+        return None
+    if key not in metrics:
+        raise KeyError(f"optimized_metric {key!r} is not among this run's metrics: {sorted(metrics)}")
+    return metrics[key]
 
 
 if __name__ == "__main__":

@@ -497,7 +497,7 @@ def test_report_splits_rows_by_the_swept_setting_and_plots_it(tmp_path):
     rows = list(csv.DictReader(paths["csv"].read_text().splitlines()))
     assert [(r["method"], r["method.img_weight"]) for r in rows] == [
         ("sum", "0.5"),
-        ("sum", "1.0"),
+        ("sum", "1"),
         ("image_only", "–"),
     ]
     assert [float(r["synthetic_cirr/recall@1"]) for r in rows] == pytest.approx([5.5, 10.5, 3.0])

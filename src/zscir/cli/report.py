@@ -196,7 +196,9 @@ def render_tables(columns: list[str], rows: list[dict]) -> tuple[str, str]:
 
 
 def _param(value: object) -> str:
-    return "–" if value is None else str(value)
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)  # Optuna draws 0.46388695571989536
 
 
 def _fmt(v: float | None) -> str:

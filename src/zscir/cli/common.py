@@ -414,7 +414,7 @@ def flat_metrics(eval_results: dict[str, dict], prefix_benchmark: bool) -> dict[
     return out
 
 
-def test_metrics(method: Any, trainer: L.Trainer, prefix_benchmark: bool) -> dict[str, float]:
+def metrics_after_test(method: Any, trainer: L.Trainer, prefix_benchmark: bool) -> dict[str, float]:
     """Metrics of the last ``trainer.test``. With ``ddp_spawn``/``ddp_fork`` the evaluation ran in
     worker processes, so this process's ``method.eval_results`` is empty: read the logged
     ``test/<benchmark>/<metric>`` values Lightning brings back instead."""

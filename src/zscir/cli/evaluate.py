@@ -30,9 +30,9 @@ from zscir.cli.common import (
     ensure_backbone,
     ensure_synthetic_world,
     is_global_zero,
+    metrics_after_test,
     plain,
     print_metrics,
-    test_metrics,
     validate_config,
     write_examples,
     write_features,
@@ -62,7 +62,7 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, Path | None]:
     if not config.is_file():
         inside = find_runs(run_dir)
         hint = (
-            f"; it holds {len(inside)} runs (a sweep directory?), e.g. {inside[0]}. Evaluate them all with "
+            f"; it holds {len(inside)} run(s) (a sweep directory?), e.g. {inside[0]}. Evaluate them all with "
             f"`zscir-eval -m run_dir={','.join(str(r) for r in inside[:2])}{',...' if len(inside) > 2 else ''} benchmark=...`"
             if inside
             else "; pass the directory of a zscir-train run (outputs/train/<method>/<run>)"
@@ -146,7 +146,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             lg.log_hyperparams(plain(cfg))
         trainer = build_trainer(cfg, run_dir, [], loggers)
         trainer.test(method, verbose=False)
-        metrics = test_metrics(method, trainer, prefix_benchmark=len(benchmarks) > 1)
+        metrics = metrics_after_test(method, trainer, prefix_benchmark=len(benchmarks) > 1)
         if trainer.global_rank == 0:
             _write_outputs(cfg, method, benchmarks, run_dir, metrics, loggers)
         failed = False

@@ -28,10 +28,10 @@ from zscir.cli.common import (
     ensure_backbone,
     ensure_synthetic_world,
     is_global_zero,
+    metrics_after_test,
     parse_config,
     plain,
     print_metrics,
-    test_metrics,
     validate_config,
     write_examples,
     write_resolved_config,
@@ -119,7 +119,7 @@ def _fit_and_test(
     metrics: dict[str, float] = {}
     if method.benchmarks:
         trainer.test(method, ckpt_path=best, verbose=False)
-        metrics = test_metrics(method, trainer, prefix_benchmark=True)
+        metrics = metrics_after_test(method, trainer, prefix_benchmark=True)
     if trainer.global_rank == 0:
         write_examples(cfg, method, benchmarks, run_dir, loggers)
         log_wandb_summary(loggers, metrics, run_dir)

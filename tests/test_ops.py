@@ -10,6 +10,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,14 @@ def wandb_records(run_file: Path) -> list:
 def wandb_run(run_dir: Path) -> dict:
     """The one offline W&B run under ``run_dir``: id, name, group, tags, history and summary keys."""
     (run_file,) = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    # wandb.finish() can return before W&B's service has written the last records: wait for the exit record
+    for _ in range(120):
+        records = wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.5)
     out = {"history": {}, "summary": {}, "config": set()}
-    for r in wandb_records(run_file):
+    for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             out.update(id=r.run.run_id, name=r.run.display_name, group=r.run.run_group, tags=list(r.run.tags))

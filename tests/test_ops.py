@@ -461,12 +461,21 @@ def test_run_dir_that_is_not_a_run_is_refused_clearly(tmp_path):
 
 
 # ---- zscir-report over sweeps -----------------------------------------------------------------------
-def _fake_run(root: Path, name: str, label: str, seed: int, method_cfg: dict, metrics: dict) -> None:
+def _fake_run(
+    root: Path,
+    name: str,
+    label: str,
+    seed: int,
+    method_cfg: dict,
+    metrics: dict,
+    benchmark: str = "synthetic_cirr",
+    task: str = "train",
+) -> None:
     run = root / name
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps(metrics))
-    info = {"label": label, "method": method_cfg["name"], "backbone": "tiny", "seed": seed}
-    (run / "run_info.json").write_text(json.dumps({**info, "benchmarks": ["synthetic_cirr"]}))
+    info = {"task": task, "label": label, "method": method_cfg["name"], "backbone": "tiny", "seed": seed}
+    (run / "run_info.json").write_text(json.dumps({**info, "benchmarks": [benchmark]}))
     config = {
         "seed": seed,
         "method": method_cfg,
@@ -474,6 +483,8 @@ def _fake_run(root: Path, name: str, label: str, seed: int, method_cfg: dict, me
         "paths": {"run_dir": str(run)},  # differs between every run: never a swept setting
         "trainer": {"max_epochs": 1, "enable_progress_bar": seed == 0},
     }
+    if task == "train":
+        config["data"] = {"batch_size": 32}  # evaluations have no data section: not a swept setting either
     (run / "resolved_config.yaml").write_text(OmegaConf.to_yaml(config))
 
 
@@ -526,3 +537,21 @@ def test_report_of_runs_without_a_swept_setting_keeps_the_plain_table(tmp_path):
     paths = report([tmp_path / "runs"], tmp_path / "report")
     assert paths["markdown"].read_text().splitlines()[2] == "| method | synthetic_cirr/recall@1 |"
     assert "sweep_plot" not in paths
+
+
+def test_report_merges_a_sweep_with_its_re_evaluations(tmp_path):
+    for seed in (0, 1):
+        cirr = {"synthetic_cirr/recall@1": 10.0 + seed}
+        _fake_run(tmp_path / "train", f"{seed}_sum", "sum", seed, {"name": "sum"}, cirr)
+        # zscir-eval run_dir=... benchmark=synthetic_circo: plain metric names, some with a "/"
+        circo = {"map@10": 20.0 + 2 * seed, "semantic_map@10/negation": 5.0}
+        _fake_run(
+            tmp_path / "eval", f"{seed}_sum", "sum", seed, {"name": "sum"}, circo, "synthetic_circo", "eval"
+        )
+    paths = report([tmp_path / "train", tmp_path / "eval"], tmp_path / "report")
+    (row,) = list(csv.DictReader(paths["csv"].read_text().splitlines()))
+    assert row["seeds"] == "2"  # two seeds, not four runs
+    assert float(row["synthetic_cirr/recall@1"]) == pytest.approx(10.5)
+    assert float(row["synthetic_circo/map@10"]) == pytest.approx(21.0)
+    assert float(row["synthetic_circo/map@10 std"]) == pytest.approx(2**0.5, abs=1e-4)
+    assert float(row["synthetic_circo/semantic_map@10/negation"]) == pytest.approx(5.0)

@@ -92,8 +92,9 @@ def collect_runs(dirs: list[str | Path]) -> list[dict]:
             info = json.loads(info_file.read_text()) if info_file.is_file() else {}
             metrics = json.loads(metrics_file.read_text())
             benchmarks = info.get("benchmarks") or []
-            if metrics and all("/" not in k for k in metrics) and len(benchmarks) == 1:
-                metrics = {f"{benchmarks[0]}/{k}": v for k, v in metrics.items()}
+            if len(benchmarks) == 1:  # single-benchmark zscir-eval runs write plain metric names
+                prefix = f"{benchmarks[0]}/"
+                metrics = {k if k.startswith(prefix) else prefix + k: v for k, v in metrics.items()}
             runs.append(
                 {
                     "dir": str(metrics_file.parent),
@@ -113,7 +114,8 @@ def _ignored(key: str) -> bool:
 
 def sweep_parameters(runs: list[dict]) -> list[str]:
     """Config keys whose value differs between runs of the same (label, backbone): the swept settings
-    (e.g. ``method.mask_ratio``). Keys that only differ between methods or backbones do not count."""
+    (e.g. ``method.mask_ratio``). Keys that only differ between methods or backbones, or that some of
+    the runs lack, do not count."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run in runs:
         groups[(run["label"], run["backbone"])].append(run)
@@ -123,14 +125,17 @@ def sweep_parameters(runs: list[dict]) -> list[str]:
         for key in keys:
             if _ignored(key) or key in varying:
                 continue
-            if len({json.dumps(m["config"].get(key), sort_keys=True) for m in members}) > 1:
+            if any(key not in m["config"] for m in members):
+                continue  # e.g. data.* exists in training runs only, not in their re-evaluations
+            if len({json.dumps(m["config"][key], sort_keys=True) for m in members}) > 1:
                 varying.append(key)
     return varying
 
 
 def summarize(runs: list[dict], params: list[str] | None = None) -> tuple[list[str], list[dict]]:
-    """(metric columns, rows) with ``mean``/``std``/``n`` per (label, backbone, swept values), in
-    first-seen order. ``params``: the swept keys (default: :func:`sweep_parameters`)."""
+    """(metric columns, rows) with ``mean``/``std`` over seeds and ``n`` seeds per (label, backbone,
+    swept values), in first-seen order. Runs of one row with the same seed are merged (a training run
+    and its re-evaluations). ``params``: the swept keys (default: :func:`sweep_parameters`)."""
     params = sweep_parameters(runs) if params is None else params
     columns: list[str] = []
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -140,16 +145,21 @@ def summarize(runs: list[dict], params: list[str] | None = None) -> tuple[list[s
         columns += [k for k in run["metrics"] if k not in columns]
     rows = []
     for (label, backbone, values), members in groups.items():
+        # one sample per seed: a training run and its re-evaluation on another benchmark are one run
+        # (when both report a metric, the later directory wins)
+        samples: dict[object, dict] = {}
+        for m in members:
+            samples.setdefault(m["dir"] if m["seed"] is None else m["seed"], {}).update(m["metrics"])
         row = {
             "method": label,
             "backbone": backbone,
             "params": dict(zip(params, values)),
-            "n": len(members),
+            "n": len(samples),
             "mean": {},
             "std": {},
         }
         for col in columns:
-            vals = [m["metrics"][col] for m in members if col in m["metrics"]]
+            vals = [m[col] for m in samples.values() if col in m]
             if vals:
                 mean = sum(vals) / len(vals)
                 row["mean"][col] = mean

@@ -52,8 +52,12 @@ def peak_rss_mib(code: str) -> float:
 
 
 def row(ours: float, baseline: float, unit: str, higher_is_better: bool, **notes: object) -> dict:
-    """One results.json entry; ``ratio`` = how many times better ours is."""
-    ratio = ours / baseline if higher_is_better else baseline / ours
+    """One results.json entry; ``ratio`` = how many times better ours is.
+
+    ``ratio`` is None when its denominator is not positive (e.g. both peaks below the RSS resolution at
+    quick sizes): a ratio against nothing measured would be a made-up number."""
+    num, den = (ours, baseline) if higher_is_better else (baseline, ours)
+    ratio = num / den if den > 0 else None
     return {
         "ours": ours,
         "baseline": baseline,

@@ -63,7 +63,11 @@ def run(only: list[str] | None = None, quick: bool = False, out_dir: Path = HERE
             results[key] = value
             print(
                 f"[bench]   {key}: ours {value['ours']:.4g} vs baseline {value['baseline']:.4g} {value['unit']} "
-                f"-> {value['ratio']:.2f}x",
+                + (
+                    f"-> {value['ratio']:.2f}x"
+                    if value["ratio"] is not None
+                    else "-> no ratio (nothing measured)"
+                ),
                 flush=True,
             )
     info = machine()
@@ -88,12 +92,15 @@ def render(results: dict, info: dict, quick: bool) -> str:
     ]
     for name, r in results.items():
         target = TARGETS.get(name)
-        if r["ratio"] is None:
+        if r["ours"] is None:
             lines.append(f"| {name} | – | – | {r['unit']} | – | ≥ {target} | – | {r.get('note', '')} |")
             continue
-        met = "yes" if target is None or r["ratio"] >= target else "**no**"
+        if r["ratio"] is None:
+            ratio, met = "–", "–"
+        else:
+            ratio, met = f"{r['ratio']:.2f}", "yes" if target is None or r["ratio"] >= target else "**no**"
         lines.append(
-            f"| {name} | {r['ours']:.4g} | {r['baseline']:.4g} | {r['unit']} | {r['ratio']:.2f} | "
+            f"| {name} | {r['ours']:.4g} | {r['baseline']:.4g} | {r['unit']} | {ratio} | "
             f"≥ {target} | {met} | {r.get('size', '')} |"
         )
     gpu_notes = HERE / "GPU_RESULTS.md"

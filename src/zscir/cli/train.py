@@ -100,7 +100,10 @@ def _fit_and_test(
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         trainer = build_trainer(cfg, run_dir, callbacks, loggers)
         loader = build_train_loader(
-            parse_config(DataConfig, plain(cfg.data)), method.encoder.image_transform, seed=cfg.seed
+            parse_config(DataConfig, plain(cfg.data)),
+            method.encoder.image_transform,
+            seed=cfg.seed,
+            text_samples=getattr(method, "text_samples", None),  # a text-only method's own samples (LinCIR)
         )
         resume = cfg.get("resume")
         if resume == "last":

@@ -25,6 +25,7 @@ METHODS: dict[str, str] = {
     "text_only": "zscir.methods.baselines:TextOnly",
     "sum": "zscir.methods.baselines:Sum",
     "clip_pretrain": "zscir.methods.clip_pretrain:CLIPPretrain",
+    "lincir": "zscir.methods.lincir:LinCIR",
 }
 
 

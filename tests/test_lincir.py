@@ -52,7 +52,8 @@ def test_noise_is_one_uniform_scale_per_row_times_gaussian():
     assert noise.pow(2).mean().item() == pytest.approx(4.0 / 3.0, rel=0.03)  # E[(s u ε)²] = s² E[u²] = s²/3
     assert row_std.mean().item() == pytest.approx(0.5, abs=0.02)  # u ~ U(0, 1), one per row
     assert (row_std < 0.25).float().mean().item() == pytest.approx(0.25, abs=0.03)
-    assert row_std.max().item() < 1.12 and row_std.min().item() < 0.01
+    assert row_std.max().item() < 1.12
+    assert row_std.min().item() < 0.01
     # within a row the noise is Gaussian: standardised fourth moment ≈ 3
     standardised = noise / noise.std(dim=1, keepdim=True)
     assert standardised.pow(4).mean().item() == pytest.approx(3.0, rel=0.05)
@@ -69,7 +70,9 @@ def _make_causal_mask(shape: torch.Size, dtype: torch.dtype, device: torch.devic
     return mask[None, None, :, :].expand(bsz, 1, tgt_len, tgt_len)
 
 
-def official_encode_with_pseudo_tokens_hf(clip, text: torch.Tensor, pseudo_tokens: torch.Tensor) -> torch.Tensor:
+def official_encode_with_pseudo_tokens_hf(
+    clip, text: torch.Tensor, pseudo_tokens: torch.Tensor
+) -> torch.Tensor:
     """``encode_with_pseudo_tokens_HF`` (navervision/lincir), on a ``CLIPModel``'s text tower.
 
     transformers ≥ 5 takes the additive causal mask as ``attention_mask`` (it dropped ``causal_attention_mask``).
@@ -115,7 +118,9 @@ def test_loss_equals_the_official_computation_on_a_fixed_batch(tmp_path):
     assert ours.item() > 0
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     torch.manual_seed(2)  # other noise, other loss: the comparison is not vacuous
-    assert method.self_masking_loss(batch["ids"], batch["masked_ids"]).item() != pytest.approx(ours.item(), rel=1e-3)
+    assert method.self_masking_loss(batch["ids"], batch["masked_ids"]).item() != pytest.approx(
+        ours.item(), rel=1e-3
+    )
 
 
 def test_normalised_loss_option(tmp_path):
@@ -127,7 +132,9 @@ def test_normalised_loss_option(tmp_path):
     torch.manual_seed(0)
     z = method.encoder.encode_text(ids)
     z_hat = method.encoder.encode_text_with_pseudo(masked, method.phi(add_noise(z)))
-    assert loss.item() == pytest.approx(F.mse_loss(F.normalize(z_hat, dim=-1), F.normalize(z, dim=-1)).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(
+        F.mse_loss(F.normalize(z_hat, dim=-1), F.normalize(z, dim=-1)).item(), rel=1e-5
+    )
     assert loss.item() < 4.0 / z.shape[1] + 1e-6  # unit vectors: |a − b|² ≤ 4
 
 
@@ -166,7 +173,9 @@ def test_only_phi_trains_towers_stay_frozen_and_ema_follows_the_official_rule(tm
     trainable = {id(p) for p in method.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in method.phi.parameters()}
     loader = DataLoader(
-        method.text_samples.dataset([MemorySource(CAPTIONS)]), batch_size=4, collate_fn=method.text_samples.collate
+        method.text_samples.dataset([MemorySource(CAPTIONS)]),
+        batch_size=4,
+        collate_fn=method.text_samples.collate,
     )
     snaps = _Snapshots()
     trainer = L.Trainer(
@@ -204,7 +213,8 @@ def test_keyword_cache_hit_miss_invalidation_and_corruption(tmp_path):
     (source,) = expand_text_sources(corpus)
     entry = cache.get(source)
     path = cache.path_for(source)
-    assert path.parent == corpus.parent and path.is_file()
+    assert path.parent == corpus.parent
+    assert path.is_file()
     assert list(entry.captions)[5] == "person holds a 5 bill"  # cleaned
     assert [entry.keywords[i] for i in range(len(entry))] == extract_keywords(list(entry.captions))
     again = KeywordCache(settings).get(source)
@@ -214,7 +224,8 @@ def test_keyword_cache_hit_miss_invalidation_and_corruption(tmp_path):
     # a second cache object finds the entry: nothing is rebuilt or rewritten
     second = KeywordCache(settings)
     second.get(source)
-    assert [e for _, e in second.events] == ["hit"] and path.stat().st_mtime_ns == stamp
+    assert [e for _, e in second.events] == ["hit"]
+    assert path.stat().st_mtime_ns == stamp
     # a first-n request is served by the whole-file entry
     limited = KeywordCache(settings)
     assert list(limited.get(expand_text_sources(corpus, limit=3)[0]).captions) == list(entry.captions)[:3]
@@ -295,7 +306,8 @@ def test_train_then_evaluate_the_checkpoint(compose, tmp_path):
     assert len(list(kw_dir.glob("*.zscir-keywords.npz"))) == 1
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    assert any(k.startswith("phi.") for k in state) and not any(k.startswith("encoder.") for k in state)
+    assert any(k.startswith("phi.") for k in state)
+    assert not any(k.startswith("encoder.") for k in state)
     again = evaluate(
         compose(
             "eval",

@@ -50,7 +50,9 @@ def tokens(*pairs: tuple[str, str]) -> list[SimpleNamespace]:
 
 
 def test_runs_are_maximal_and_joined_with_spaces():
-    doc = tokens(("a", "DET"), ("big", "ADJ"), ("dog", "NOUN"), ("runs", "VERB"), ("to", "ADP"), ("Paris", "PROPN"))
+    doc = tokens(
+        ("a", "DET"), ("big", "ADJ"), ("dog", "NOUN"), ("runs", "VERB"), ("to", "ADP"), ("Paris", "PROPN")
+    )
     assert keyword_runs(doc) == ["a big dog", "Paris"]
     assert keyword_runs(tokens(("runs", "VERB"), ("fast", "ADV"))) == []
     assert keyword_runs(doc, pos=("NOUN",)) == ["dog"]
@@ -99,7 +101,8 @@ def test_no_keyword_replaces_one_random_word(nlp):
     for seed in range(20):
         masked = mask_keywords(caption, [], random.Random(seed))
         assert masked.count("$") == 1
-        assert masked.split(" ") != caption.split(" ") and len(masked.split(" ")) == 3
+        assert masked.split(" ") != caption.split(" ")
+        assert len(masked.split(" ")) == 3
         seen.add(masked)
     assert seen == {"$ runs quickly", "she $ quickly", "she runs $"}
 

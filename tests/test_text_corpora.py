@@ -63,7 +63,12 @@ def write_shard(path: Path, captions: list[str]) -> Path:
 
 @pytest.mark.parametrize(
     ("writer", "suffix", "field"),
-    [(write_txt, ".txt", None), (write_jsonl, ".jsonl", None), (write_parquet, ".parquet", None), (write_shard, ".tar", None)],
+    [
+        (write_txt, ".txt", None),
+        (write_jsonl, ".jsonl", None),
+        (write_parquet, ".parquet", None),
+        (write_shard, ".tar", None),
+    ],
 )
 def test_every_format_reads_its_captions_in_order(tmp_path, writer, suffix, field):
     path = writer(tmp_path / f"corpus{suffix}", CAPTIONS)
@@ -87,16 +92,24 @@ def test_folder_glob_brace_range_and_limit(tmp_path):
     by_folder = expand_text_sources(tmp_path)
     assert [s.name for s in by_folder] == ["part-0.txt", "part-1.txt", "part-2.txt"]
     assert [s.name for s in expand_text_sources(tmp_path / "part-*.txt")] == [s.name for s in by_folder]
-    assert [s.name for s in expand_text_sources(str(tmp_path / "part-{0..1}.txt"))] == ["part-0.txt", "part-1.txt"]
+    assert [s.name for s in expand_text_sources(str(tmp_path / "part-{0..1}.txt"))] == [
+        "part-0.txt",
+        "part-1.txt",
+    ]
     limited = expand_text_sources(tmp_path, limit=6)
-    assert list(load_captions(limited)) == [f"caption 0.{j}" for j in range(4)] + ["caption 1.0", "caption 1.1"]
+    assert list(load_captions(limited)) == [f"caption 0.{j}" for j in range(4)] + [
+        "caption 1.0",
+        "caption 1.1",
+    ]
     with pytest.raises(DatasetLayoutError, match="part-7"):
         expand_text_sources(str(tmp_path / "part-{6..7}.txt"))
 
 
 def test_string_array_round_trip_and_concat():
     a = StringArray.from_strings(CAPTIONS)
-    assert list(a) == CAPTIONS and len(a) == 4 and a[-1] == CAPTIONS[-1]
+    assert list(a) == CAPTIONS
+    assert len(a) == 4
+    assert a[-1] == CAPTIONS[-1]
     both = StringArray.concat([a, StringArray.from_strings(["", "x"])])
     assert list(both) == [*CAPTIONS, "", "x"]
     assert list(both.head(2)) == CAPTIONS[:2]
@@ -137,7 +150,9 @@ def test_stream_is_endless_reshuffled_and_split_over_workers_and_ranks(tmp_path,
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        loader = DataLoader(stream, batch_size=3, num_workers=2, collate_fn=lambda b: [s["caption"] for s in b])
+        loader = DataLoader(
+            stream, batch_size=3, num_workers=2, collate_fn=lambda b: [s["caption"] for s in b]
+        )
         batches = iter(loader)
         seen += [c for _ in range(4) for c in next(batches)]  # workers alternate: 2 batches of 3 each
         del batches

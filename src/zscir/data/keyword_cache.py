@@ -49,7 +49,12 @@ class KeywordSettings:
     spacy_model: str | None = None
 
     def fingerprint(self) -> dict:
-        return {**asdict(self), "pos": list(self.pos), "versions": _spacy_versions(), "version": CACHE_VERSION}
+        return {
+            **asdict(self),
+            "pos": list(self.pos),
+            "versions": _spacy_versions(),
+            "version": CACHE_VERSION,
+        }
 
 
 def _spacy_versions() -> dict[str, str]:
@@ -74,7 +79,8 @@ class KeywordEntry:
     @classmethod
     def concat(cls, entries: Sequence[KeywordEntry]) -> KeywordEntry:
         return cls(
-            StringArray.concat([e.captions for e in entries]), StringLists.concat([e.keywords for e in entries])
+            StringArray.concat([e.captions for e in entries]),
+            StringLists.concat([e.keywords for e in entries]),
         )
 
     def head(self, n: int) -> KeywordEntry:

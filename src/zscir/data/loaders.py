@@ -96,7 +96,9 @@ def build_train_loader(
 
 def _streaming_text_loader(cfg: DataConfig, seed: int, text_samples: TextSamples | None) -> DataLoader:
     if cfg.max_samples is not None:
-        raise ValueError("data.max_samples applies to in-memory corpora; a streaming corpus reads whole files")
+        raise ValueError(
+            "data.max_samples applies to in-memory corpora; a streaming corpus reads whole files"
+        )
     sources = expand_text_sources(cfg.path, cfg.text_field)
     if text_samples is not None:
         dataset, collate = text_samples.stream(sources, cfg.shuffle_buffer, seed), text_samples.collate

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from zscir.data.keyword_cache import KeywordCache, KeywordEntry, KeywordSettings
-from zscir.data.text_corpora import CaptionSource, MemorySource, StreamingSamples, StringArray, load_captions
+from zscir.data.text_corpora import CaptionSource, MemorySource, StreamingSamples, load_captions
 from zscir.text.keywords import (
     FALLBACK_PROMPT,
     KEYWORD_POS,
@@ -131,15 +131,21 @@ class SelfMasking:
             cache = self.keyword_cache()
             for source in sources:
                 cache.get(source)  # build missing entries now, not inside the workers
-            return StreamingSamples(sources, _CachedSource(cache, self.options.whole_word), shuffle_buffer, seed)
-        return StreamingSamples(sources, _ParsedSource(self.settings, self.options.whole_word), shuffle_buffer, seed)
+            return StreamingSamples(
+                sources, _CachedSource(cache, self.options.whole_word), shuffle_buffer, seed
+            )
+        return StreamingSamples(
+            sources, _ParsedSource(self.settings, self.options.whole_word), shuffle_buffer, seed
+        )
 
     def collate(self, items: list[dict]) -> dict:
         """Strings -> token ids: ``ids`` (cleaned captions), ``masked_ids`` (``$`` = placeholder id) and
         ``fell_back`` (rows that became the fallback prompt)."""
         captions = [it["caption"] for it in items]
         masked = [it["masked"] for it in items]
-        masked_ids, fell_back = placeholder_ids(self.tokenizer, masked, self.placeholder_id, self.fallback_prompt)
+        masked_ids, fell_back = placeholder_ids(
+            self.tokenizer, masked, self.placeholder_id, self.fallback_prompt
+        )
         return {
             "index": torch.tensor([it["index"] for it in items]),
             "caption": captions,
@@ -177,4 +183,3 @@ class _ParsedSource:
         bpe, base = clip_bpe(self.settings.context_length), position << 32
         for i, caption in enumerate(source.read()):
             yield {"index": base + i, **parse_and_mask(caption, self.settings, bpe, self.whole_word)}
-

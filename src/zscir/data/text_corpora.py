@@ -126,7 +126,9 @@ def expand_text_sources(
         )
     unknown = [p for p in paths if p.suffix not in TEXT_FORMATS]
     if unknown:
-        raise DatasetLayoutError(f"unsupported caption file type {unknown[0]}; expected one of {list(TEXT_FORMATS)}")
+        raise DatasetLayoutError(
+            f"unsupported caption file type {unknown[0]}; expected one of {list(TEXT_FORMATS)}"
+        )
     sources = [CaptionSource(p, TEXT_FORMATS[p.suffix], field) for p in paths]
     if limit is None:
         return sources
@@ -224,7 +226,9 @@ class StringArray:
         if not arrays:
             return cls.from_strings([])
         shifts = np.cumsum([0] + [len(a.data) for a in arrays[:-1]])
-        offsets = np.concatenate([arrays[0].offsets[:1]] + [a.offsets[1:] + s for a, s in zip(arrays, shifts)])
+        offsets = np.concatenate(
+            [arrays[0].offsets[:1]] + [a.offsets[1:] + s for a, s in zip(arrays, shifts)]
+        )
         return cls(np.concatenate([a.data for a in arrays]), offsets)
 
     def __len__(self) -> int:
@@ -351,7 +355,9 @@ class StreamingSamples(IterableDataset):
                 emitted += 1
                 yield sample
             if emitted == 0:
-                raise DatasetLayoutError(f"reader {reader} of {readers} got no captions from {len(self.sources)} file(s)")
+                raise DatasetLayoutError(
+                    f"reader {reader} of {readers} got no captions from {len(self.sources)} file(s)"
+                )
             epoch += 1
 
 

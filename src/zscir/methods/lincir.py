@@ -112,7 +112,9 @@ class LinCIR(RetrievalMethod):
 
     def configure_optimizers(self) -> dict:
         if self.trainer.estimated_stepping_batches == float("inf"):
-            raise ValueError("a streaming corpus has no length: set trainer.max_steps (LinCIR trains by steps)")
+            raise ValueError(
+                "a streaming corpus has no length: set trainer.max_steps (LinCIR trains by steps)"
+            )
         return super().configure_optimizers()
 
     def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:

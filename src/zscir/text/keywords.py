@@ -161,4 +161,3 @@ def placeholder_ids(
     if fell_back.any():
         ids[fell_back] = tokenize([spaced_placeholders(fallback)])[0]
     return ids, fell_back
-

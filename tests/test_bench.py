@@ -11,7 +11,14 @@ def test_bench_quick_writes_results_and_table(tmp_path):
     results = run_all.run(quick=True, out_dir=tmp_path)
     written = json.loads((tmp_path / "results.json").read_text())
     assert set(written) == set(results)
-    assert {"topk", "topk_memory", "gallery_cache", "pli_dropping", "pli_dropping_step"} <= set(written)
+    assert {
+        "topk",
+        "topk_memory",
+        "gallery_cache",
+        "pli_dropping",
+        "pli_dropping_step",
+        "lincir_step",
+    } <= set(written)
     for name, r in written.items():
         assert set(r) >= {"ours", "baseline", "unit", "ratio", "higher_is_better"}, name
         if r["ratio"] is not None:

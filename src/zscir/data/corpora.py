@@ -113,7 +113,8 @@ def load_image_caption_corpus(spec: str | Path) -> list[CaptionedImage]:
 
 
 class ImageCaptionDataset(Dataset):
-    """``{"index", "pixels", "caption"}``; an unreadable image yields None (skipped by the collate function)."""
+    """``{"index", "key", "pixels", "caption"}`` (``key``: the sample's id in its shard, stable across runs);
+    an unreadable image yields None (skipped by the collate function)."""
 
     def __init__(self, samples: list[CaptionedImage], transform: Callable):
         self.samples, self.transform = samples, transform
@@ -128,7 +129,7 @@ class ImageCaptionDataset(Dataset):
         except ImageLoadError as err:
             log.warning("skipping sample %s: %s", s.key, err)
             return None
-        return {"index": i, "pixels": self.transform(image), "caption": s.caption}
+        return {"index": i, "key": s.key, "pixels": self.transform(image), "caption": s.caption}
 
 
 def collate_skip_none(items: list[dict | None]) -> dict:

@@ -26,6 +26,7 @@ METHODS: dict[str, str] = {
     "sum": "zscir.methods.baselines:Sum",
     "clip_pretrain": "zscir.methods.clip_pretrain:CLIPPretrain",
     "lincir": "zscir.methods.lincir:LinCIR",
+    "cam_ti": "zscir.methods.cam_ti:CamTI",
 }
 
 

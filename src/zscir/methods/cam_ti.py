@@ -1,0 +1,260 @@
+"""CAM-masked textual inversion (Zhang et al., "Zero-shot Composed Image Retrieval Considering
+Query-target Relationship Leveraging Masked Image-text Pairs", arXiv 2406.18836, ICIP 2024).
+
+CLIP stays frozen; only φ (the SEARLE/LinCIR MLP, :class:`~zscir.methods.inversion.Phi`) trains, on
+ordinary image–caption pairs turned into composed-retrieval-like queries:
+
+1. one noun of the caption is chosen (spaCy POS, :class:`~zscir.text.nouns.NounSelector`) and replaced by
+   the pseudo-word ``$``: "a big $ on the left";
+2. the image is masked with the noun's Grad-CAM (target "a photo of a {noun}") thresholded at τ:
+   ``mask_region=background`` hides what the CAM does not cover, ``object`` hides the noun's region;
+3. ``$`` ← φ(feature of the masked image); the composed query is the masked caption with that token;
+4. query-target loss: in-batch contrastive loss between composed queries and the *full* images'
+   features; original loss: the textual-inversion loss between "a photo of $" with ``$`` ← φ(full
+   image) and the full images (Pic2Word's loss);
+   total = λ · query-target + original. A caption without a noun (or whose ``$`` the tokenizer
+   truncated away) takes part in the original loss only.
+
+Inference is SEARLE/LinCIR's: "a photo of $ that {caption}" with ``$`` ← φ(reference image).
+There is no official code; every choice the paper leaves open is an option of :class:`CamTIConfig`
+(see the README's CAM-TI section).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zscir.backbones import backbone_fingerprint
+from zscir.cam import CamCache, CamSpec, NounCams, cache_namespace, masked_features
+from zscir.cam.masks import MODES, REGIONS
+from zscir.methods.base import MethodConfig, RetrievalMethod
+from zscir.methods.inversion import DEFAULT_TEMPLATE, Phi, encode_with_template
+from zscir.text.nouns import SAMPLING, NounChoice, NounSelector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CamTIConfig(MethodConfig):
+    # ---- loss: total = lam * query_target + original
+    lam: float = 1.0
+    #: softmax temperature of both contrastive losses (Pic2Word's is CLIP's logit scale 100, i.e. 0.01)
+    temperature: float = 0.01
+    #: query->image and image->query cross-entropy (Pic2Word); False: query->image only (PLI)
+    symmetric: bool = True
+    # ---- image masking
+    tau: float = 0.3
+    #: background: hide CAM < tau (the noun's region stays); object: hide CAM >= tau
+    mask_region: str = "background"
+    #: pixels: hidden pixels = normalisation mean; tokens: hidden patch tokens dropped
+    mask_mode: str = "pixels"
+    # ---- noun choice
+    noun_pos: list[str] = field(default_factory=lambda: ["NOUN"])
+    exclude_nouns: list[str] = field(default_factory=list)
+    #: fixed: one draw per image (cache-friendly); random: a new draw at every step
+    noun_sampling: str = "fixed"
+    mask_all_occurrences: bool = False
+    spacy_model: str | None = None
+    noun_seed: int = 0
+    # ---- prompts
+    #: the training query around the masked caption ({caption} already holds the "$")
+    query_template: str = "{caption}"
+    original_template: str = "a photo of $"
+    #: inference prompt
+    template: str = DEFAULT_TEMPLATE
+    # ---- Grad-CAM
+    cam_prompt: str = "a photo of a {noun}"
+    cam_baseline_prompt: str | None = None
+    cam_block: int = -1
+    cam_autocast: bool = False
+    #: images per Grad-CAM backward pass: null = the whole batch at once, 1 = one image at a time
+    cam_batch_size: int | None = None
+    #: on-disk CAM cache folder (null: no cache)
+    cam_cache_dir: str | None = None
+    #: draw this many samples of the first training batch to cam_grid_path (0: none)
+    cam_grid: int = 0
+    #: where the grid goes; null = <run dir>/cam_grid.png
+    cam_grid_path: str | None = None
+    # ---- phi
+    phi_hidden_mult: int = 4
+    phi_dropout: float = 0.5
+    #: L2-normalise image features before phi (SEARLE/LinCIR/Pic2Word feed them unnormalised)
+    normalize_phi_input: bool = False
+
+
+def contrastive_loss(
+    queries: Tensor, images: Tensor, labels: Tensor, temperature: float, symmetric: bool
+) -> Tensor:
+    """In-batch InfoNCE on cosine similarities.
+
+    Args:
+        queries: [Q, D] query features; ``labels`` [Q] is the row of each query's positive in ``images``.
+        images: [B, D] image features (every row is a candidate for every query).
+        symmetric: also the image->query direction, over the Q labelled images and the Q queries.
+    """
+    q = F.normalize(queries.float(), dim=-1)
+    v = F.normalize(images.float(), dim=-1)
+    loss = F.cross_entropy(q @ v.T / temperature, labels)
+    if symmetric:
+        back = torch.arange(q.shape[0], device=q.device)
+        loss = (loss + F.cross_entropy(v[labels] @ q.T / temperature, back)) / 2
+    return loss
+
+
+def clean_caption(caption: str) -> str:
+    """A literal ``$`` in a caption would be read as the pseudo-word (LinCIR removes it too)."""
+    return " ".join(caption.replace("$", " ").split())
+
+
+class CamTI(RetrievalMethod):
+    """Frozen CLIP + trainable φ, trained with CAM-masked image–caption pairs."""
+
+    Config = CamTIConfig
+    data_kind = "image_caption"
+
+    def __init__(self, backbone: dict, config: dict):
+        super().__init__(backbone, config)
+        c = self.cfg
+        if c.mask_region not in REGIONS:
+            raise ValueError(f"mask_region must be one of {REGIONS}, got {c.mask_region!r}")
+        if c.mask_mode not in MODES:
+            raise ValueError(f"mask_mode must be one of {MODES}, got {c.mask_mode!r}")
+        if c.noun_sampling not in SAMPLING:
+            raise ValueError(f"noun_sampling must be one of {SAMPLING}, got {c.noun_sampling!r}")
+        if not 0.0 <= c.tau <= 1.0:
+            raise ValueError(f"tau must be in [0, 1], got {c.tau}")
+        if "{caption}" not in c.query_template:
+            raise ValueError("query_template must contain {caption} (the masked caption)")
+        if "$" not in c.original_template or "{caption}" not in c.template or "$" not in c.template:
+            raise ValueError("original_template needs '$'; template needs '$' and '{caption}'")
+        self.phi = Phi(
+            self.encoder.embed_dim,
+            self.encoder.token_dim,
+            hidden_mult=c.phi_hidden_mult,
+            dropout=c.phi_dropout,
+        )
+        self.nouns = NounSelector(
+            pos=c.noun_pos,
+            exclude=c.exclude_nouns,
+            sampling=c.noun_sampling,
+            all_occurrences=c.mask_all_occurrences,
+            spacy_model=c.spacy_model,
+            seed=c.noun_seed,
+        )
+        spec = CamSpec(
+            prompt=c.cam_prompt,
+            baseline_prompt=c.cam_baseline_prompt,
+            block=c.cam_block,
+            autocast=c.cam_autocast,
+        )
+        cache = None
+        if c.cam_cache_dir:
+            namespace = cache_namespace(
+                backbone=backbone_fingerprint(self.backbone_cfg),
+                transform=self.encoder.transform_id,
+                spec=spec,
+            )
+            cache = CamCache(c.cam_cache_dir, namespace)
+        self.cams = NounCams(self.encoder, spec, cache=cache, batch_size=c.cam_batch_size)
+        self._warned_no_keys = False
+
+    # ---- inference ------------------------------------------------------------------------------
+    def invert(self, image_features: Tensor) -> Tensor:
+        """φ(image features) -> pseudo-word token embeddings [B, token_dim]."""
+        x = F.normalize(image_features, dim=-1) if self.cfg.normalize_phi_input else image_features
+        return self.phi(x)
+
+    def compose(self, batch: dict) -> Tensor:
+        pseudo = self.invert(self.encoder.encode_image(batch["pixels"]))
+        return encode_with_template(self.encoder, pseudo, batch["texts"], self.cfg.template)
+
+    # ---- training -------------------------------------------------------------------------------
+    def _image_ids(self, batch: dict) -> tuple[list[str], bool]:
+        """Stable per-sample ids (the corpus key) and whether they are real ids (usable as cache keys)."""
+        if "key" in batch:
+            return [str(k) for k in batch["key"]], True
+        if not self._warned_no_keys and self.cams.cache is not None:
+            log.warning("training batches carry no 'key'; the CAM cache is not used")
+            self._warned_no_keys = True
+        return [str(int(i)) for i in batch["index"]], False
+
+    def choose_nouns(self, batch: dict) -> list[NounChoice | None]:
+        captions = [clean_caption(c) for c in batch["caption"]]
+        ids, _ = self._image_ids(batch)
+        return self.nouns.select(captions, ids)
+
+    def losses(self, batch: dict) -> dict[str, Tensor]:
+        """All loss terms and diagnostics for one image–caption batch (what ``training_step`` optimises)."""
+        c = self.cfg
+        pixels = batch["pixels"]
+        choices = self.choose_nouns(batch)
+        ids, real_ids = self._image_ids(batch)
+        with torch.no_grad():
+            full = self.encoder.encode_image(pixels)
+        labels = torch.arange(full.shape[0], device=full.device)
+
+        ids_orig = self.encoder.tokenize([c.original_template] * full.shape[0]).to(full.device)
+        original = self.encoder.encode_text_with_pseudo(ids_orig, self.invert(full))
+        out = {"original": contrastive_loss(original, full, labels, c.temperature, c.symmetric)}
+
+        rows = [i for i, ch in enumerate(choices) if ch is not None]
+        texts = [c.query_template.format(caption=choices[i].masked_caption) for i in rows]
+        tokens = self.encoder.tokenize(texts).to(full.device) if rows else None
+        if rows:  # a "$" cut off by the context length leaves nothing for the pseudo-word to fill
+            has_slot = (tokens == self.encoder.placeholder_id).any(1).tolist()
+            rows = [r for r, ok in zip(rows, has_slot) if ok]
+            tokens = tokens[torch.tensor(has_slot, device=tokens.device)]
+        zero = full.new_zeros((), dtype=torch.float32)
+        if rows:
+            grid = self.cams(
+                pixels[rows], [choices[i].noun for i in rows], [ids[i] for i in rows] if real_ids else None
+            )
+            with torch.no_grad():
+                masked, kept = masked_features(
+                    self.encoder, pixels[rows], grid, c.tau, c.mask_region, c.mask_mode
+                )
+            query = self.encoder.encode_text_with_pseudo(tokens, self.invert(masked))
+            rows_t = torch.tensor(rows, device=full.device)
+            out["query_target"] = contrastive_loss(query, full, rows_t, c.temperature, c.symmetric)
+            out["visible_fraction"] = kept.mean()
+        else:
+            out["query_target"] = zero
+            out["visible_fraction"] = zero
+        out["noun_fraction"] = zero + len(rows) / full.shape[0]
+        out["loss"] = c.lam * out["query_target"] + out["original"]
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        terms = self.losses(batch)
+        size = batch["pixels"].shape[0]
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=size)
+        for name in ("query_target", "original", "noun_fraction", "visible_fraction"):
+            self.log(f"train/{name}", terms[name], batch_size=size)
+        cache = self.cams.cache
+        if cache is not None and cache.hits + cache.misses:
+            self.log("train/cam_cache_hit_rate", cache.hits / (cache.hits + cache.misses), batch_size=size)
+        return terms["loss"]
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self.cfg.cam_grid > 0 and batch_idx == 0 and self.current_epoch == 0 and self.global_rank == 0:
+            path = Path(self.cfg.cam_grid_path or Path(self.trainer.default_root_dir) / "cam_grid.png")
+            self.write_cam_grid(batch, path, self.cfg.cam_grid)
+
+    def write_cam_grid(self, batch: dict, path: str | Path, n: int) -> Path:
+        """A PNG of the first ``n`` samples of ``batch``: image, CAM heat map, masked image, caption."""
+        from zscir.cam.grid import cam_grid_rows, save_cam_grid
+
+        c = self.cfg
+        rows = cam_grid_rows(self, batch, n)
+        title = (
+            f"CAM-TI: Grad-CAM of '{c.cam_prompt}' (block {c.cam_block}), tau {c.tau}, {c.mask_region} hidden"
+        )
+        save_cam_grid(rows, path, title)
+        log.info("wrote the CAM grid of %d samples to %s", len(rows), path)
+        return Path(path)

@@ -28,6 +28,7 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "gallery_cache": ("bench_gallery_cache", {}, {"pool": 60, "reps": 2}),
     "pli_dropping": ("bench_pli_dropping", {}, {"batch": 8, "reps": 2}),
     "lincir_step": ("bench_lincir_step", {}, {"batch": 8, "captions": 32, "reps": 1}),
+    "cam": ("bench_cam", {}, {"batch": 4, "batches": 2, "reps": 2}),
 }
 #: GPU rows measured only where CUDA is present (null otherwise)
 GPU_BENCHES: dict[str, tuple[str, dict, dict]] = {}

@@ -38,6 +38,21 @@ DEMO_RUNS: list[tuple[str, list[str]]] = [
             "method.optim.lr=1e-3",
         ],
     ),
+    (
+        "cam_ti",
+        [
+            "method=cam_ti",
+            "trainer.max_steps=30",
+            "data.batch_size=64",
+            "method.optim.lr=1e-3",
+            # the plain target lights up the background on this CLIP ("opposite visualisation"); see
+            # conf/method/cam_ti.yaml
+            "method.cam_block=-2",
+            "method.cam_baseline_prompt='a photo'",
+            "method.exclude_nouns=[background,side,left,right,photo,picture,image,center,centre,middle,shapes]",
+            "method.cam_grid=6",  # -> runs/cam_ti/cam_grid.png: image, CAM, masked image, caption
+        ],
+    ),
 ]
 
 
@@ -83,11 +98,15 @@ def run_demo(
         out_dir,
         title="zscir demo: synthetic shapes world, tiny CLIP backbone",
     )
+    grids = sorted(str(p) for p in (out_dir / "runs").glob("*/cam_grid.png"))
     summary = {
         "tiny_clip_caption_to_image_recall@1": clip_metrics.get("recall@1"),
+        "cam_grids": grids,
         "minutes": round((time.time() - start) / 60, 1),
         **{k: str(v) for k, v in paths.items()},
     }
+    for grid in grids:
+        print(f"CAM grid (what CAM-TI masks): {grid}")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         f"tiny CLIP (backbone=tiny_synthetic) held-out caption->image R@1: {summary['tiny_clip_caption_to_image_recall@1']:.2f}% "

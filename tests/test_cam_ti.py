@@ -358,7 +358,8 @@ def test_cam_ti_trains_evaluates_writes_its_grid_and_reuses_the_cam_cache(compos
     train(compose("train", [*overrides, f"paths.run_dir={tmp_path / 'again'}"]))
     rows = list(csv.DictReader((tmp_path / "again" / "csv" / "version_0" / "metrics.csv").open()))
     rates = [float(r["train/cam_cache_hit_rate"]) for r in rows if r.get("train/cam_cache_hit_rate")]
-    assert rates and all(rate == 1.0 for rate in rates)
+    assert rates
+    assert all(rate == 1.0 for rate in rates)
     assert sorted((tmp_path / "outputs" / "cache" / "cam").rglob("*.cam")) == sorted(entries)
     assert {p: p.stat().st_mtime_ns for p in entries} == stamps
     assert json.loads((tmp_path / "again" / "run_info.json").read_text())["method"] == "cam_ti"

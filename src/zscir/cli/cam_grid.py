@@ -1,10 +1,10 @@
-"""``python -m zscir.cli.cam_grid``: see what CAM-TI masks, for N training samples, as a PNG grid.
+"""``zscir-cam-grid`` (``python -m zscir.cli.cam_grid``): see what CAM-TI masks, for N training samples, as a PNG grid.
 
 Each row: the training image, the Grad-CAM heat map of the chosen noun, the masked image φ receives, and
 the caption with that noun highlighted. Takes the same overrides as ``zscir-train``:
 
-    python -m zscir.cli.cam_grid -n 12 --out outputs/cam_grid.png experiment=demo method=cam_ti
-    python -m zscir.cli.cam_grid -n 8 method=cam_ti method.mask_region=object method.tau=0.4 data=cc3m ...
+    zscir-cam-grid -n 12 --out outputs/cam_grid.png experiment=demo method=cam_ti
+    zscir-cam-grid -n 8 method=cam_ti method.mask_region=object method.tau=0.4 data=cc3m ...
 """
 
 from __future__ import annotations

@@ -363,3 +363,25 @@ def test_cam_ti_trains_evaluates_writes_its_grid_and_reuses_the_cam_cache(compos
     assert sorted((tmp_path / "outputs" / "cache" / "cam").rglob("*.cam")) == sorted(entries)
     assert {p: p.stat().st_mtime_ns for p in entries} == stamps
     assert json.loads((tmp_path / "again" / "run_info.json").read_text())["method"] == "cam_ti"
+
+
+def test_cam_grid_cli_draws_one_row_per_sample_and_refuses_other_methods(small_world, tmp_path):
+    from PIL import Image
+
+    from conftest import small_world_overrides
+    from zscir.cam.grid import CELL
+    from zscir.cli.cam_grid import write_grid
+
+    base = [
+        f"paths.data_dir={small_world}",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        "backbone=tiny",
+        *small_world_overrides(),
+    ]
+    path = write_grid([*base, "method=cam_ti", "method.cam_cache_dir=null"], 3, tmp_path / "grid.png")
+    image = Image.open(path)
+    assert image.width > 3 * CELL
+    assert 3 * CELL < image.height < 4 * (CELL + 6)  # three sample rows (cell + padding) and a header
+    assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50  # images and heat maps, not blank
+    with pytest.raises(ValueError, match="method=cam_ti"):
+        write_grid([*base, "method=sum"], 3, tmp_path / "other.png")

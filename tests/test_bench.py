@@ -18,6 +18,8 @@ def test_bench_quick_writes_results_and_table(tmp_path):
         "pli_dropping",
         "pli_dropping_step",
         "lincir_step",
+        "cam_batch",
+        "cam_cache",
     } <= set(written)
     for name, r in written.items():
         assert set(r) >= {"ours", "baseline", "unit", "ratio", "higher_is_better"}, name

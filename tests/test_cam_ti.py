@@ -301,6 +301,16 @@ def test_captions_without_a_noun_fall_back_to_the_original_loss(pixels):
 
 
 # ---- cache ------------------------------------------------------------------------------------------
+def test_a_query_with_nothing_visible_only_takes_part_in_the_original_loss(pixels):
+    # tau 1.0 is above every min-max normalised CAM value (max is 1 - 1e-7): background masking hides all
+    method = _method(lam=1.0, tau=1.0, mask_region="background")
+    terms = method.losses(_batch(pixels))
+    assert terms["visible_fraction"].item() == 0.0
+    assert terms["blank_fraction"].item() == pytest.approx(0.75)  # the three captions with a noun
+    assert terms["query_target"].item() == 0.0
+    assert terms["loss"].item() == pytest.approx(terms["original"].item())
+
+
 def test_cam_cache_hits_misses_and_recomputes_bad_entries(encoder, pixels, tmp_path):
     nouns, ids = ["circle", "square", "dog", "tree", "circle"], ["i0", "i1", "i2", "i3", "i4"]
     cams = NounCams(encoder, CamSpec(), cache=CamCache(tmp_path, "ns"))

@@ -219,13 +219,21 @@ class CamTI(RetrievalMethod):
                 masked, kept = masked_features(
                     self.encoder, pixels[rows], grid, c.tau, c.mask_region, c.mask_mode
                 )
+            out["visible_fraction"] = kept.mean()
+            # a flat CAM (no evidence for the noun) hides the whole image under mask_region=background: such
+            # a query has nothing for phi to read, so it only takes part in the original loss
+            seen = kept > 0
+            out["blank_fraction"] = zero + (~seen).float().sum() / full.shape[0]
+            rows = [r for r, ok in zip(rows, seen.tolist()) if ok]
+            tokens, masked = tokens[seen], masked[seen]
+        if rows:
             query = self.encoder.encode_text_with_pseudo(tokens, self.invert(masked))
             rows_t = torch.tensor(rows, device=full.device)
             out["query_target"] = contrastive_loss(query, full, rows_t, c.temperature, c.symmetric)
-            out["visible_fraction"] = kept.mean()
         else:
             out["query_target"] = zero
-            out["visible_fraction"] = zero
+        out.setdefault("visible_fraction", zero)
+        out.setdefault("blank_fraction", zero)
         out["noun_fraction"] = zero + len(rows) / full.shape[0]
         out["loss"] = c.lam * out["query_target"] + out["original"]
         return out
@@ -234,7 +242,7 @@ class CamTI(RetrievalMethod):
         terms = self.losses(batch)
         size = batch["pixels"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=size)
-        for name in ("query_target", "original", "noun_fraction", "visible_fraction"):
+        for name in ("query_target", "original", "noun_fraction", "visible_fraction", "blank_fraction"):
             self.log(f"train/{name}", terms[name], batch_size=size)
         cache = self.cams.cache
         if cache is not None and cache.hits + cache.misses:

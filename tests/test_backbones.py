@@ -28,6 +28,26 @@ def test_encode_image_without_keep_equals_library(encoder):
     torch.testing.assert_close(ours, library)
 
 
+def test_encode_text_trims_padding_and_equals_the_library_on_the_full_context(encoder):
+    ids = encoder.tokenize(["a red circle", "a small blue square left of a big green triangle", ""])
+    longest = int((ids != 0).sum(1).max())  # the second caption's tokens incl. start and end of text
+    widths = []
+    hook = encoder.token_embedding().register_forward_hook(
+        lambda _m, inputs, _o: widths.append(inputs[0].shape[1])
+    )
+    try:
+        ours = encoder.encode_text(ids)
+    finally:
+        hook.remove()
+    if hasattr(encoder.model, "visual"):
+        library = encoder.model.encode_text(ids)
+    else:
+        library = encoder.model.get_text_features(input_ids=ids).pooler_output
+    assert widths == [longest]
+    assert longest < encoder.context_length
+    torch.testing.assert_close(ours, library, atol=1e-5, rtol=1e-5)
+
+
 def test_keeping_every_patch_equals_no_keep(encoder):
     pixels = torch.randn(2, 3, encoder.image_size, encoder.image_size)
     keep = torch.arange(encoder.num_patches).expand(2, -1)

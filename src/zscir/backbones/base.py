@@ -75,7 +75,7 @@ class Encoder(nn.Module, ABC):
             raise ValueError(
                 f"pseudo must be [B={ids.shape[0]}, token_dim={self.token_dim}], got {tuple(pseudo.shape)}"
             )
-        with inject_pseudo_tokens(self.token_embedding(), ids == pid, pseudo):
+        with inject_pseudo_tokens(self.token_embedding(), pid, pseudo):
             return self.encode_text(ids)
 
     # ---- image --------------------------------------------------------------------------------
@@ -134,15 +134,18 @@ def single_token_id(tokenize: Callable[[Sequence[str]], Tensor], word: str) -> i
 
 
 @contextlib.contextmanager
-def inject_pseudo_tokens(embedding: nn.Embedding, where: Tensor, pseudo: Tensor) -> Iterator[None]:
-    """Within the block, ``embedding``'s output at positions ``where`` [B, T] becomes ``pseudo`` [B, D].
+def inject_pseudo_tokens(embedding: nn.Embedding, placeholder_id: int, pseudo: Tensor) -> Iterator[None]:
+    """Within the block, ``embedding``'s output wherever its input is ``placeholder_id`` becomes that
+    row's ``pseudo`` [B, D].
 
     A forward hook keeps the library's own text tower in charge of everything after the lookup, so
     injection cannot drift from plain encoding (a test checks that injecting a word's own embedding
-    reproduces ``encode_text``).
+    reproduces ``encode_text``). The positions are read from the ids the embedding actually receives,
+    so an encoder may trim padding before the lookup.
     """
 
-    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+    def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        where = inputs[0] == placeholder_id
         return torch.where(where.unsqueeze(-1), pseudo.to(output.dtype).unsqueeze(1), output)
 
     handle = embedding.register_forward_hook(hook)
@@ -150,6 +153,18 @@ def inject_pseudo_tokens(embedding: nn.Embedding, where: Tensor, pseudo: Tensor)
         yield
     finally:
         handle.remove()
+
+
+def trim_padding(ids: Tensor) -> Tensor:
+    """``ids`` [B, T] cut after the last row's end-of-text token (the largest id in the CLIP vocabulary).
+
+    For a causal text tower pooled at the end-of-text token, the positions after it never reach the
+    output, so encoding the trimmed ids gives the same features at a fraction of the cost: captions are
+    ~15–25 tokens against a context of 77.
+    """
+    if ids.shape[1] == 0:
+        return ids
+    return ids[:, : int(ids.argmax(dim=-1).max()) + 1]
 
 
 def gather_patches(tokens: Tensor, keep: Tensor) -> Tensor:

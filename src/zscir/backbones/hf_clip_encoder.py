@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import transforms as T
 
-from zscir.backbones.base import Encoder, gather_patches
+from zscir.backbones.base import Encoder, gather_patches, trim_padding
 from zscir.backbones.errors import BackboneLoadError, weights_hint
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -76,7 +76,8 @@ class HFCLIPEncoder(Encoder):
         return self.model.text_model.embeddings.token_embedding
 
     def encode_text(self, ids: Tensor) -> Tensor:
-        return _pooled(self.model.get_text_features(input_ids=ids.to(self._device())))
+        # the text tower is causal and pooled at the first end-of-text token: padding after it is dead weight
+        return _pooled(self.model.get_text_features(input_ids=trim_padding(ids.to(self._device()))))
 
     def encode_image(self, pixels: Tensor, keep: Tensor | None = None) -> Tensor:
         pixels = pixels.to(self._device())

@@ -9,7 +9,7 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
-from zscir.backbones.base import Encoder, gather_patches
+from zscir.backbones.base import Encoder, gather_patches, trim_padding
 from zscir.backbones.errors import BackboneLoadError, weights_hint
 
 #: Small random-init architectures for tests and the synthetic shapes world (open_clip.CLIP kwargs).
@@ -50,7 +50,23 @@ class OpenCLIPEncoder(Encoder):
         return text.token_embedding
 
     def encode_text(self, ids: Tensor) -> Tensor:
-        return self.model.encode_text(ids.to(self._device()))
+        m, ids = self.model, ids.to(self._device())
+        causal_eot_pooled = (
+            getattr(m, "attn_mask", None) is not None and getattr(m, "text_pool_type", "") == "argmax"
+        )
+        if not causal_eot_pooled:  # CustomTextCLIP, SigLIP-style towers: the library's own path, untrimmed
+            return m.encode_text(ids)
+        # open_clip's CLIP.encode_text, on the ids trimmed after the last end-of-text token
+        ids = trim_padding(ids)
+        n, cast_dtype = ids.shape[1], m.transformer.get_cast_dtype()
+        x = m.token_embedding(ids).to(cast_dtype) + m.positional_embedding[:n].to(cast_dtype)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+        x = open_clip.model.text_global_pool(
+            x, ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None)
+        )
+        if m.text_projection is None:
+            return x
+        return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
 
     def encode_image(self, pixels: Tensor, keep: Tensor | None = None) -> Tensor:
         visual = self.model.visual

@@ -31,7 +31,11 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "cam": ("bench_cam", {}, {"batch": 4, "batches": 2, "reps": 2}),
 }
 #: GPU rows measured only where CUDA is present (null otherwise)
-GPU_BENCHES: dict[str, tuple[str, dict, dict]] = {}
+GPU_BENCHES: dict[str, tuple[str, dict, dict]] = {
+    "gpu": ("bench_gpu", {}, {"pli_batch": 8, "cam_batch": 8, "lincir_batch": 64, "reps": 2}),
+}
+#: the rows each GPU bench returns (written as null rows without a GPU)
+GPU_ROWS = {"gpu": {"gpu_pli_bf16": "samples/s", "gpu_cam_batch": "images/s", "gpu_lincir": "samples/s"}}
 #: target ratios from the performance issue (ours vs baseline, "times better")
 TARGETS = {
     "topk": 3.0,
@@ -55,7 +59,8 @@ def run(only: list[str] | None = None, quick: bool = False, out_dir: Path = HERE
         if only and name not in only:
             continue
         if name in GPU_BENCHES and not torch.cuda.is_available():
-            results[name] = null_row("", True, "no CUDA GPU on this machine")
+            for row_name, unit in GPU_ROWS[name].items():
+                results[row_name] = null_row(unit, True, "no CUDA GPU on this machine")
             continue
         print(f"[bench] {name} ...", flush=True)
         start = time.time()

@@ -38,7 +38,7 @@ def build_encoder(
     """Build an encoder from a backbone config.
 
     Args:
-        kind: ``open_clip`` or ``hf_clip`` (``hf_blip`` once registered by the BLIP module).
+        kind: ``open_clip``, ``hf_clip`` or ``hf_blip``.
         model: architecture name (open_clip), hub name or local directory (HF), or ``tiny``.
         pretrained: open_clip pretrained tag or weights file (ignored by HF kinds).
         checkpoint: a state dict file loaded on top of the model (e.g. a zscir-trained backbone).
@@ -60,13 +60,17 @@ def build_encoder(
             cache_dir=cache_dir,
             **extra,
         )
+    if kind == "hf_blip":
+        from zscir.backbones.hf_blip_encoder import build_hf_blip
+
+        return build_hf_blip(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, **extra)
     if extra:
         raise TypeError(f"unexpected backbone options for kind={kind!r}: {sorted(extra)}")
     if kind == "hf_clip":
         from zscir.backbones.hf_clip_encoder import build_hf_clip
 
         return build_hf_clip(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir)
-    raise BackboneLoadError(f"unknown backbone kind {kind!r}; expected one of: open_clip, hf_clip")
+    raise BackboneLoadError(f"unknown backbone kind {kind!r}; expected one of: open_clip, hf_clip, hf_blip")
 
 
 def backbone_fingerprint(config: dict) -> str:

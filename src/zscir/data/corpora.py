@@ -1,9 +1,15 @@
 """Training corpora: image–caption pairs and caption-only text.
 
-Image–caption corpora are webdataset-style tar shards (``<key>.jpg|png|webp`` + ``<key>.txt``, as
-CC3M/img2dataset write them). Shards are indexed once (member offsets and captions) and the index is
-stored next to them, so the dataset is map-style: shuffling, DDP sharding and exact resume all work
-through the ordinary samplers, and an image is read with one seek.
+Image–caption corpora come in three layouts (:func:`load_captioned_images`):
+
+* ``shards``: webdataset-style tar shards (``<key>.jpg|png|webp`` + ``<key>.txt``, as CC3M/img2dataset
+  write them). Shards are indexed once (member offsets and captions) and the index is stored next to
+  them, so the dataset is map-style: shuffling, DDP sharding and exact resume all work through the
+  ordinary samplers, and an image is read with one seek.
+* ``folder``: image files under a folder (recursively), one caption ``<image stem>.txt`` per image,
+  beside the image or in a separate captions folder (PLI's ImageNet layout: ``ImageNet1K/test/**/*.JPEG``
+  + ``ImageNet1K/captions/<stem>.txt``).
+* ``jsonl``: one ``{"image": <path>, "caption": <text>}`` object per line.
 """
 
 from __future__ import annotations
@@ -110,6 +116,76 @@ def load_image_caption_corpus(spec: str | Path) -> list[CaptionedImage]:
     if not samples:
         raise DatasetLayoutError(f"{spec}: the shards hold no (image, .txt caption) pairs")
     return samples
+
+
+def load_caption_folder(root: str | Path, captions_dir: str | Path | None = None) -> list[CaptionedImage]:
+    """Images under ``root`` (recursively, sorted) paired with ``<stem>.txt``, read from ``captions_dir``
+    when given, else from beside each image. Images without a caption file are skipped (and counted)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetLayoutError(f"image folder {root} does not exist")
+    caption_root = Path(captions_dir).expanduser() if captions_dir else None
+    if caption_root is not None and not caption_root.is_dir():
+        raise DatasetLayoutError(f"captions folder {caption_root} does not exist")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    samples, seen, missing = [], set(), 0
+    for image in images:
+        caption_file = (caption_root or image.parent) / f"{image.stem}.txt"
+        if not caption_file.is_file():
+            missing += 1
+            continue
+        if caption_root is not None and image.stem in seen:  # one flat captions folder: stems must be unique
+            raise DatasetLayoutError(f"two images named {image.stem!r} share {caption_file}")
+        seen.add(image.stem)
+        key = str(image.relative_to(root).with_suffix(""))
+        caption = caption_file.read_text(encoding="utf-8").strip()
+        samples.append(CaptionedImage(key, ImageRef(key, image), caption))
+    if missing:
+        log.warning("%s: %d of %d images have no caption file; skipped", root, missing, len(images))
+    if not samples:
+        where = caption_root or "beside each image"
+        raise DatasetLayoutError(
+            f"{root}: no image with a caption: expected <stem>.txt in {where} for images {IMAGE_EXTENSIONS}"
+        )
+    return samples
+
+
+def load_caption_jsonl(path: str | Path, image_root: str | Path | None = None) -> list[CaptionedImage]:
+    """Samples from a jsonl file: one ``{"image": <path>, "caption": <text>}`` per line; relative image
+    paths are resolved against ``image_root`` (default: the jsonl file's folder)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DatasetLayoutError(f"jsonl corpus {file} does not exist")
+    base = Path(image_root).expanduser() if image_root else file.parent
+    samples = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, caption = row["image"], row["caption"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise DatasetLayoutError(
+                f'{file}:{n}: expected a JSON object with "image" and "caption", got {line[:80]!r}'
+            ) from err
+        key = str(Path(image).with_suffix(""))
+        samples.append(CaptionedImage(key, ImageRef(key, base / image), str(caption).strip()))
+    if not samples:
+        raise DatasetLayoutError(f"{file}: no samples")
+    return samples
+
+
+def load_captioned_images(
+    layout: str, path: str | Path, captions_dir: str | None = None, image_root: str | None = None
+) -> list[CaptionedImage]:
+    """An image–caption corpus in one of the layouts of this module: ``shards``, ``folder`` or ``jsonl``."""
+    if layout == "shards":
+        return load_image_caption_corpus(path)
+    if layout == "folder":
+        return load_caption_folder(path, captions_dir)
+    if layout == "jsonl":
+        return load_caption_jsonl(path, image_root)
+    raise ValueError(f"image-caption format must be shards, folder or jsonl, got {layout!r}")
 
 
 class ImageCaptionDataset(Dataset):

@@ -12,7 +12,7 @@ from zscir.data.corpora import (
     ImageCaptionDataset,
     TextDataset,
     collate_skip_none,
-    load_image_caption_corpus,
+    load_captioned_images,
 )
 from zscir.data.text_corpora import (
     CaptionSource,
@@ -27,13 +27,18 @@ from zscir.data.text_corpora import (
 class DataConfig:
     """A training corpus and how to batch it.
 
-    ``kind``: ``image_caption`` (tar shards: a directory, glob or brace range) or ``text`` (caption files:
-    ``.txt`` lines, ``.jsonl``, ``.parquet``, or the ``.txt`` captions of webdataset ``.tar`` shards; a file,
-    a directory, a glob or a brace range).
+    ``kind``: ``image_caption`` or ``text`` (caption files: ``.txt`` lines, ``.jsonl``, ``.parquet``, or the
+    ``.txt`` captions of webdataset ``.tar`` shards; a file, a directory, a glob or a brace range).
+    Image–caption ``format``: ``shards`` (tar shards: a directory, glob or brace range), ``folder`` (images +
+    ``<stem>.txt`` captions, beside them or in ``captions_dir``) or ``jsonl`` (``{"image", "caption"}`` per
+    line, images under ``image_root``).
     """
 
     kind: str = "image_caption"
     path: str = "???"
+    format: str = "shards"
+    captions_dir: str | None = None
+    image_root: str | None = None
     batch_size: int = 128
     num_workers: int = 2
     shuffle: bool = True
@@ -67,7 +72,7 @@ def build_train_loader(
     if cfg.kind == "text" and cfg.streaming:
         return _streaming_text_loader(cfg, seed, text_samples)
     if cfg.kind == "image_caption":
-        samples = load_image_caption_corpus(cfg.path)
+        samples = load_captioned_images(cfg.format, cfg.path, cfg.captions_dir, cfg.image_root)
         dataset = ImageCaptionDataset(samples[: cfg.max_samples], image_transform)
         collate = collate_skip_none
     elif cfg.kind == "text":

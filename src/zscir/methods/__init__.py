@@ -27,6 +27,7 @@ METHODS: dict[str, str] = {
     "clip_pretrain": "zscir.methods.clip_pretrain:CLIPPretrain",
     "lincir": "zscir.methods.lincir:LinCIR",
     "cam_ti": "zscir.methods.cam_ti:CamTI",
+    "pli": "zscir.methods.pli:PLI",
 }
 
 

@@ -222,7 +222,7 @@ def test_train_checkpoint_evaluate_round_trip(compose, tmp_path):
         "trainer=cpu",
         "trainer.precision=32-true",
         "trainer.max_epochs=2",
-        "trainer.limit_train_batches=2",
+        "+trainer.limit_train_batches=2",
         "trainer.log_every_n_steps=1",
         "method.optim.lr=1e-4",
         "method.warmup_epochs=2",

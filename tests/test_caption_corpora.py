@@ -52,10 +52,16 @@ def test_folder_without_any_caption_names_the_expected_files(tmp_path):
 def test_jsonl_with_relative_and_absolute_paths(tmp_path):
     write_image(tmp_path / "images" / "a.jpg", "red")
     write_image(tmp_path / "elsewhere" / "b.jpg", "blue")
-    lines = [{"image": "images/a.jpg", "caption": "a red square"}, {"image": str(tmp_path / "elsewhere" / "b.jpg"), "caption": "blue"}]
+    lines = [
+        {"image": "images/a.jpg", "caption": "a red square"},
+        {"image": str(tmp_path / "elsewhere" / "b.jpg"), "caption": "blue"},
+    ]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     samples = load_caption_jsonl(tmp_path / "train.jsonl")
-    assert [s.image.path for s in samples] == [tmp_path / "images" / "a.jpg", tmp_path / "elsewhere" / "b.jpg"]
+    assert [s.image.path for s in samples] == [
+        tmp_path / "images" / "a.jpg",
+        tmp_path / "elsewhere" / "b.jpg",
+    ]
     assert [s.caption for s in samples] == ["a red square", "blue"]
     moved = load_caption_jsonl(tmp_path / "train.jsonl", image_root=tmp_path / "root")
     assert moved[0].image.path == tmp_path / "root" / "images" / "a.jpg"

@@ -54,7 +54,7 @@ def tiny_vocab() -> list[str]:
     """A small WordPiece vocabulary: BERT's special tokens, single characters and their ``##``
     continuations (so any lowercase ASCII text tokenizes, character by character), a few whole words."""
     chars = string.ascii_lowercase + string.digits
-    words = "a an the of photo that is and on in with".split()
+    words = ["a", "an", "the", "of", "photo", "that", "is", "and", "on", "in", "with"]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *string.punctuation]
     vocab += ["##" + c for c in chars] + words
     return list(dict.fromkeys(vocab))
@@ -138,14 +138,18 @@ class HFBLIPEncoder(Encoder):
         if tower != "text":
             raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
         text = self.model.text_encoder
-        layers = [m for layer in text.encoder.layer for m in (layer.attention, layer.intermediate, layer.output)]
+        layers = [
+            m for layer in text.encoder.layer for m in (layer.attention, layer.intermediate, layer.output)
+        ]
         return [text.embeddings, *layers, self.model.text_proj]  # not the cross-attention (ITM only)
 
     def _device(self) -> torch.device:
         return self.model.vision_proj.weight.device
 
 
-def blip_transform(size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> T.Compose:
+def blip_transform(
+    size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> T.Compose:
     """What ``BlipImageProcessor`` does: RGB, resize to size × size (bicubic, no crop), normalise."""
     return T.Compose(
         [

@@ -93,7 +93,11 @@ def distinct_random_keep(
 
 
 def pli_loss(
-    query: Tensor, target: Tensor, scale: Tensor | float = 1.0, normalize: str = "none", symmetric: bool = False
+    query: Tensor,
+    target: Tensor,
+    scale: Tensor | float = 1.0,
+    normalize: str = "none",
+    symmetric: bool = False,
 ) -> Tensor:
     """Cross-entropy of ``scale · query · targetᵀ`` [B, B] with the diagonal as the labels.
 

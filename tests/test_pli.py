@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zscir.backbones import BackboneLoadError
 from zscir.cli.evaluate import evaluate
 from zscir.cli.train import train
 from zscir.methods import build_method
@@ -276,3 +277,24 @@ def test_train_checkpoint_evaluate_round_trip(compose, tmp_path):
         )
     )
     assert before != again  # the checkpoint's weights were used, not the backbone's
+
+
+@pytest.mark.parametrize(
+    ("experiment", "model"),
+    [
+        ("pli_clip_b32_imagenet", "ViT-B-32"),
+        ("pli_clip_l14_imagenet", "ViT-L-14"),
+        ("pli_blip_imagenet", "Salesforce/blip-itm-base-coco"),
+    ],
+)
+def test_paper_experiments_with_named_weights_fail_clearly_offline(
+    compose, tmp_path, monkeypatch, experiment, model
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose(
+        "train", [f"experiment={experiment}", "trainer=cpu", f"backbone.cache_dir={tmp_path / 'hub'}"]
+    )
+    with pytest.raises(BackboneLoadError) as err:
+        train(cfg)
+    assert model in str(err.value)
+    assert str(tmp_path / "hub") in str(err.value)  # where it looked

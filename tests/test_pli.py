@@ -70,7 +70,7 @@ def test_masks_differ_across_ranks_and_batches_and_repeat_for_the_same_batch(met
     assert not torch.equal(rank0, method.draw_keep(b, batch_idx=3, epoch=2, world=2, rank=0))
 
 
-@pytest.mark.parametrize("kind", ["open_clip", "hf_blip"])
+@pytest.mark.parametrize("kind", ["open_clip", "hf_clip", "hf_blip"])
 def test_masked_view_feeds_class_token_plus_kept_patches(kind):
     """The transformer sees 1 + int(L·(1−r)) tokens for the query view and 1 + L for the target."""
     m = pli(kind=kind, mask_ratio=0.75)
@@ -164,7 +164,13 @@ def test_learnable_temperature_trains_and_is_saved():
 # ---- which towers train -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kind", "tune"),
-    [("open_clip", "both"), ("open_clip", "image"), ("open_clip", "text"), ("hf_blip", "text")],
+    [
+        ("open_clip", "both"),
+        ("open_clip", "image"),
+        ("open_clip", "text"),
+        ("hf_clip", "image"),
+        ("hf_blip", "text"),
+    ],
 )
 def test_gradients_reach_the_tuned_towers_only(kind, tune):
     m = pli(kind=kind, tune=tune)
@@ -189,8 +195,8 @@ def test_gradients_reach_the_tuned_towers_only(kind, tune):
     m.on_save_checkpoint(checkpoint)
     saved = {n.split(".")[2] for n in checkpoint["state_dict"] if n.startswith("encoder.model.")}
     frozen_tower = {
-        "image": {"visual", "vision_model", "vision_proj"},
-        "text": {"transformer", "text_encoder"},
+        "image": {"visual", "vision_model", "vision_proj", "visual_projection"},
+        "text": {"transformer", "text_encoder", "text_model", "text_projection", "text_proj"},
     }
     for tower in set(("image", "text")) - set(tuned):
         assert not saved & frozen_tower[tower]  # rebuilt from the backbone config on load

@@ -53,6 +53,20 @@ DEMO_RUNS: list[tuple[str, list[str]]] = [
             "method.cam_grid=6",  # -> runs/cam_ti/cam_grid.png: image, CAM, masked image, caption
         ],
     ),
+    # PLI's untuned baseline: the same backbone, PLI's inference formula with img_weight = 1 - mask_ratio
+    ("sum_w0.75", ["method=sum", "method.img_weight=0.75"]),
+    # 25 steps of batch 128 at lr 1e-5 with no warm-up (paper: 10 epochs of ImageNet at 1e-6, 5-epoch warm-up);
+    # mask ratio 0.25 (one of the paper's ratios) -> inference img_weight 0.75
+    (
+        "pli",
+        [
+            "method=pli",
+            "method.mask_ratio=0.25",
+            "method.warmup_epochs=0",
+            "method.optim.lr=1e-5",
+            "trainer.max_steps=25",
+        ],
+    ),
 ]
 
 

@@ -21,6 +21,7 @@ def test_bench_quick_writes_results_and_table(tmp_path):
         "lincir_step",
         "cam_batch",
         "cam_cache",
+        "framework_overhead",
     } <= set(written)
     for name, r in written.items():
         assert set(r) >= {"ours", "baseline", "unit", "ratio", "higher_is_better"}, name

@@ -27,6 +27,7 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "topk": ("bench_topk", {}, {"queries": 50, "gallery": 5000, "dim": 64, "reps": 2, "memory_queries": 100}),
     "gallery_cache": ("bench_gallery_cache", {}, {"pool": 60, "reps": 2}),
     "pli_dropping": ("bench_pli_dropping", {}, {"batch": 8, "reps": 2}),
+    "framework_overhead": ("bench_framework", {}, {"samples": 32, "batch": 8, "reps": 2}),
     "lincir_step": ("bench_lincir_step", {}, {"batch": 8, "captions": 32, "reps": 1}),
     "cam": ("bench_cam", {}, {"batch": 4, "batches": 2, "reps": 2}),
 }

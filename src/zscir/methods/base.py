@@ -144,6 +144,7 @@ class RetrievalMethod(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["zscir"] = {
             "method": self.cfg.name,
+            "backbone": self.backbone_cfg.get("name"),
             "backbone_fingerprint": backbone_fingerprint(self.backbone_cfg),
             "omitted": sorted(frozen),
         }
@@ -151,13 +152,18 @@ class RetrievalMethod(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("zscir", {})
         if info.get("method", self.cfg.name) != self.cfg.name:
-            raise ValueError(f"checkpoint was trained with method {info['method']!r}, not {self.cfg.name!r}")
-        if info.get("backbone_fingerprint", backbone_fingerprint(self.backbone_cfg)) != backbone_fingerprint(
-            self.backbone_cfg
-        ):
             raise ValueError(
-                "checkpoint was trained on a different backbone (weights fingerprint differs); "
-                "pass the backbone it was trained with"
+                f"checkpoint was trained with method {info['method']!r}, not {self.cfg.name!r}: "
+                f"pass method={info['method']} (or a checkpoint of {self.cfg.name})"
+            )
+        ours = backbone_fingerprint(self.backbone_cfg)
+        if info.get("backbone_fingerprint", ours) != ours:
+            theirs = info.get("backbone") or "another backbone"
+            raise ValueError(
+                f"checkpoint was trained on backbone {theirs!r} (weights fingerprint "
+                f"{info['backbone_fingerprint']}), but this run uses {self.backbone_cfg.get('name')!r} "
+                f"(fingerprint {ours}); pass the backbone config it was trained with "
+                f"(backbone={theirs} with the same weights file, init_seed and checkpoint)"
             )
         own = self.state_dict()
         for name in info.get("omitted", []):
@@ -257,6 +263,11 @@ class RetrievalMethod(L.LightningModule):
             key = self._gallery_key(benchmark)
             ids = [r.image_id for r in benchmark.gallery]
             feats = self.gallery_cache.load(key, ids) if key else None
+            # encoding is collective: if any rank missed the cache (another run writing the entry right
+            # now), every rank must encode, or the others would wait forever in all_gather
+            distributed = self._trainer is not None and self.trainer.world_size > 1
+            if distributed and not self.trainer.strategy.reduce_boolean_decision(feats is not None, all=True):
+                feats = None
             if feats is None:
                 feats = self._encode_gallery_sharded(benchmark)
                 if key and self.global_rank == 0:

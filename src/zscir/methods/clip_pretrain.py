@@ -3,6 +3,11 @@
 Symmetric InfoNCE over the batch with a learnable logit scale (clamped at 100, as CLIP does). After
 training the encoder's weights can be exported as a plain state dict (``export_backbone``) that a
 backbone config loads with ``checkpoint=``.
+
+Under DDP, ``gather_negatives`` (default on) scores each rank's pairs against the pairs of every rank
+(:func:`zscir.methods.distributed.gather_for_contrastive`), so ``W`` processes × batch ``B`` train
+exactly like 1 process × batch ``W·B``. Turned off, each rank's loss uses only its local ``B - 1``
+negatives (cheaper, but a different objective). Single-process runs are the same either way.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zscir.methods.base import MethodConfig, RetrievalMethod
+from zscir.methods.distributed import gather_for_contrastive
 from zscir.retrieval.search import normalize
 from zscir.utils.io import atomic_write
 
@@ -25,6 +31,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class CLIPPretrainConfig(MethodConfig):
     init_temperature: float = 0.07
+    #: under DDP, contrast against the negatives of every rank (all_gather with gradients)
+    gather_negatives: bool = True
     #: where to write the trained encoder's state dict (None: nowhere)
     export_backbone: str | None = None
 
@@ -47,10 +55,20 @@ class CLIPPretrain(RetrievalMethod):
         image = normalize(self.encoder.encode_image(batch["pixels"]))
         text = normalize(self.encoder.encode_text(self.encoder.tokenize(batch["caption"]).to(self.device)))
         scale = self.logit_scale.exp().clamp(max=100)
-        logits = scale * image @ text.T
-        labels = torch.arange(logits.shape[0], device=self.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        self.log("train/loss", loss, prog_bar=True)
+        gathered = gather_for_contrastive(image, text) if self.cfg.gather_negatives else None
+        if gathered is None or gathered.world_size == 1:
+            logits = scale * image @ text.T
+            labels = torch.arange(logits.shape[0], device=self.device)
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        else:
+            all_image, all_text = gathered.tensors
+            labels = gathered.labels(self.device)
+            per_rank = F.cross_entropy(scale * image @ all_text.T, labels) + F.cross_entropy(
+                scale * text @ all_image.T, labels
+            )
+            loss = gathered.weight * per_rank / 2
+        # the mean over ranks of ``loss`` is the global-batch loss (see zscir.methods.distributed)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/logit_scale", scale)
         return loss
 

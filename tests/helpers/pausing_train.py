@@ -25,7 +25,7 @@ class PauseAtStep(Callback):
     def __init__(self, step: int, marker: Path):
         self.step, self.marker, self.done = step, marker, False
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.done or trainer.global_step != self.step or trainer.global_rank != 0:
             return
         self.done = True

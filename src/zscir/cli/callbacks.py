@@ -52,14 +52,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Preempted(SystemExit):
-    """Raised (on every rank) once the pre-emption checkpoint is on disk."""
+    """Ends a run stopped by SIGTERM (on every rank), after its checkpoint is on disk."""
 
     def __init__(self) -> None:
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
 class LastCheckpoint(Callback):
-    """Write ``<dirpath>/last.ckpt`` every ``every_n_train_steps`` optimizer steps and on SIGTERM.
+    """Write ``<dirpath>/last.ckpt`` at the end of every ``every_n_epochs``-th epoch (after its
+    validation), every ``every_n_train_steps`` optimizer steps, and on SIGTERM.
+
+    (Lightning's ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` only when it also saves a
+    top-k checkpoint, so without a monitored metric it would write it only when training ends.)
 
     The signal handler only records the signal; the checkpoint is written at the next optimizer-step
     boundary, where the state is consistent (no half-accumulated gradients), and every rank agrees on
@@ -67,9 +71,10 @@ class LastCheckpoint(Callback):
     during training because it does a collective inside the handler and stops without saving.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 0):
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 0, every_n_epochs: int = 1):
         self.path = Path(dirpath) / "last.ckpt"
         self.every = int(every_n_train_steps)
+        self.every_epochs = int(every_n_epochs)
         self.signal_received: int | None = None
         self._replaced: Any = None
         self._last_step = -1
@@ -99,6 +104,10 @@ class LastCheckpoint(Callback):
     ) -> None:
         self._restore_handler()
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_epochs > 0 and (trainer.current_epoch + 1) % self.every_epochs == 0:
+            trainer.save_checkpoint(self.path, weights_only=False)
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -122,7 +131,12 @@ class LastCheckpoint(Callback):
                 self.path.parent.parent,
             )
         if stop:
-            raise Preempted()
+            # Let Lightning stop after this batch's bookkeeping (so its logged metrics are not lost) with
+            # its SIGTERMException, which train() turns into exit status 143
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is None or not hasattr(connector, "received_sigterm"):
+                raise Preempted()
+            connector.received_sigterm = True
 
 
 # ---- RNG streams ---------------------------------------------------------------------------------------
@@ -304,9 +318,11 @@ class SkippedSamples(Callback):
         pl_module.log("train/skipped_samples", float(self.total), on_step=True, on_epoch=False)
 
 
-def reliability_callbacks(checkpoint_dir: str | Path | None, every_n_train_steps: int = 0) -> list[Callback]:
+def reliability_callbacks(
+    checkpoint_dir: str | Path | None, every_n_train_steps: int = 0, every_n_epochs: int = 1
+) -> list[Callback]:
     """The callbacks every training run gets (``checkpoint_dir=None``: no checkpointing)."""
     callbacks: list[Callback] = [ResumeState(), NonFiniteGuard(checkpoint_dir), SkippedSamples()]
     if checkpoint_dir is not None:
-        callbacks.append(LastCheckpoint(checkpoint_dir, every_n_train_steps))
+        callbacks.append(LastCheckpoint(checkpoint_dir, every_n_train_steps, every_n_epochs))
     return callbacks

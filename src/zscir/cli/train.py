@@ -115,7 +115,9 @@ def _fit_and_test(
         )
         callbacks = [
             checkpoint,
-            *reliability_callbacks(run_dir / "checkpoints", ckpt_cfg.get("every_n_train_steps", 0)),
+            *reliability_callbacks(
+                run_dir / "checkpoints", ckpt_cfg.get("every_n_train_steps", 0), ckpt_cfg.every_n_epochs
+            ),
             Throughput(),
             *([LearningRateMonitor(logging_interval="step")] if loggers else []),
         ]
@@ -182,8 +184,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
 
 @contextlib.contextmanager
 def preemption_exit() -> Iterator[None]:
-    """Lightning stops on SIGTERM outside our checkpoint hook (e.g. during evaluation) with a SystemExit
-    of status 0; make that the pre-empted status instead, so nothing mistakes the run for finished."""
+    """Lightning stops on SIGTERM (after LastCheckpoint saved, or during evaluation) with a SystemExit of
+    status 0; make that status 143 instead, so nothing mistakes the run for a finished one."""
     try:
         yield
     except SIGTERMException as err:

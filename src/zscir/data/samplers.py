@@ -12,8 +12,8 @@ epoch 0's order; and neither knows how many batches of the interrupted epoch wer
 * :meth:`ResumableDataLoader.position` (saved with each checkpoint by ``zscir.cli.callbacks.ResumeState``)
   records the epoch and how many of its batches were handed out; after :meth:`ResumableDataLoader.resume`
   the next iteration skips exactly those batches (they are never loaded from disk) and continues with
-  the next one. (Lightning's own stateful-loader hook is not used: Lightning 2.6 never applies it when
-  ``configure_optimizers`` asks for ``estimated_stepping_batches``, as ours does.)
+  the next one. (Lightning's own stateful-loader hook is not enough: Lightning 2.6 never applies it
+  when ``configure_optimizers`` asks for ``estimated_stepping_batches``, as ours does.)
 * iteration starts lazily, at the first ``next()``: by then Lightning has called ``set_epoch``, so even
   with worker processes (which prefetch indices when the iterator is created) the epoch is right.
 
@@ -149,3 +149,8 @@ class ResumableDataLoader(DataLoader):
             )
         self.sampler.set_epoch(state["epoch"])
         self.sampler.resume_at = (state["epoch"], state["batches"] * self.batch_size)
+
+    # Lightning's names for the same (its fit loop saves the position too, and applies it on some
+    # restart paths; applying it twice is harmless)
+    state_dict = position
+    load_state_dict = resume

@@ -154,3 +154,41 @@ class ResumableDataLoader(DataLoader):
     # restart paths; applying it twice is harmless)
     state_dict = position
     load_state_dict = resume
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+def batch_shard(size: int, batch_size: int, rank: int, world: int, pad: bool = True) -> list[int]:
+    """Rank ``rank``'s share of ``range(size)`` in whole batches: the batches ``rank, rank + world, ...`` of
+    the single-process batching, padded (``pad``) with batch 0 so that every rank has the same number of
+    batches (Lightning's evaluation loop runs a collective per step under DDP).
+
+    Every batch a rank forms from this stream (with the same ``batch_size``, ``drop_last=False``) is
+    exactly a batch of the single-process run — same samples, same order, same size — so features are
+    bitwise those of one process (a kernel's floating-point result may depend on the batch size: a
+    sample-strided split can turn a 4-image batch into a 1-image one and flip near-ties in a ranking).
+    The short last batch lands on a rank that needs no padding, so it stays the last in its stream.
+    """
+    batches = [list(range(k, min(k + batch_size, size))) for k in range(0, size, batch_size)]
+    mine = batches[rank::world]
+    per_rank = -(-len(batches) // world)
+    mine += [batches[0]] * (per_rank - len(mine)) if batches and pad else []
+    return [i for batch in mine for i in batch]
+
+
+class BatchShardSampler(DistributedSampler):
+    """Evaluation sampler over :func:`batch_shard` (a ``DistributedSampler`` so Lightning keeps it).
+
+    Padding repeats whole batches; the metric de-duplicates by position, so every query counts once.
+    """
+
+    def __init__(self, size: int, batch_size: int):
+        self.size, self.batch_size = int(size), int(batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # the order never changes
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(batch_shard(self.size, self.batch_size, *_world()))
+
+    def __len__(self) -> int:
+        return len(batch_shard(self.size, self.batch_size, *_world()))

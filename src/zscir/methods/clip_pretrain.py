@@ -5,7 +5,7 @@ training the encoder's weights can be exported as a plain state dict (``export_b
 backbone config loads with ``checkpoint=``.
 
 Under DDP, ``gather_negatives`` (default on) scores each rank's pairs against the pairs of every rank
-(:func:`zscir.methods.distributed.gather_for_contrastive`), so ``W`` processes × batch ``B`` train
+(:func:`zscir.methods.distributed.clip_loss`), so ``W`` processes × batch ``B`` train
 exactly like 1 process × batch ``W·B``. Turned off, each rank's loss uses only its local ``B - 1``
 negatives (cheaper, but a different objective). Single-process runs are the same either way.
 """
@@ -17,11 +17,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zscir.methods.base import MethodConfig, RetrievalMethod
-from zscir.methods.distributed import gather_for_contrastive
+from zscir.methods.distributed import clip_loss
 from zscir.retrieval.search import normalize
 from zscir.utils.io import atomic_write
 
@@ -55,19 +54,8 @@ class CLIPPretrain(RetrievalMethod):
         image = normalize(self.encoder.encode_image(batch["pixels"]))
         text = normalize(self.encoder.encode_text(self.encoder.tokenize(batch["caption"]).to(self.device)))
         scale = self.logit_scale.exp().clamp(max=100)
-        gathered = gather_for_contrastive(image, text) if self.cfg.gather_negatives else None
-        if gathered is None or gathered.world_size == 1:
-            logits = scale * image @ text.T
-            labels = torch.arange(logits.shape[0], device=self.device)
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        else:
-            all_image, all_text = gathered.tensors
-            labels = gathered.labels(self.device)
-            per_rank = F.cross_entropy(scale * image @ all_text.T, labels) + F.cross_entropy(
-                scale * text @ all_image.T, labels
-            )
-            loss = gathered.weight * per_rank / 2
-        # the mean over ranks of ``loss`` is the global-batch loss (see zscir.methods.distributed)
+        loss = clip_loss(image, text, scale, gather_negatives=self.cfg.gather_negatives)
+        # with gathered negatives, the mean over ranks of ``loss`` is the global-batch loss
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/logit_scale", scale)
         return loss

@@ -2,7 +2,8 @@
 
 With ``W`` processes each holding ``B`` pairs, an InfoNCE loss over the local batch sees only ``B - 1``
 negatives, so ``W × B`` training is not ``1 × W·B`` training. :func:`gather_for_contrastive` all-gathers
-features *with* gradients; a method then scores its own rows against every rank's columns::
+features *with* gradients; a method then scores its own rows against every rank's columns
+(:func:`clip_loss` does exactly this for the CLIP loss)::
 
     g = gather_for_contrastive(image, text)              # g.tensors: ([N, D], [N, D]), N = Σ B_r
     all_image, all_text = g.tensors
@@ -28,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -68,6 +70,26 @@ class ContrastiveGather(NamedTuple):
         """Factor for this rank's mean loss so that DDP's gradient average equals the global mean."""
         total = self.tensors[0].shape[0]
         return self.world_size * self.local / total if total else 0.0
+
+
+def clip_loss(image: Tensor, text: Tensor, scale: Tensor | float, gather_negatives: bool = True) -> Tensor:
+    """Symmetric InfoNCE of L2-normalised ``image``/``text`` features [B, D] with logit scale ``scale``.
+
+    With ``gather_negatives`` and more than one process, every rank's pairs are negatives (see the
+    module docstring); the mean of the returned per-rank values is then the loss of the global batch.
+    Without a process group the two settings are the same computation.
+    """
+    gathered = gather_for_contrastive(image, text) if gather_negatives else None
+    if gathered is None or gathered.world_size == 1:
+        logits = scale * image @ text.T
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    all_image, all_text = gathered.tensors
+    labels = gathered.labels(image.device)
+    per_rank = F.cross_entropy(scale * image @ all_text.T, labels) + F.cross_entropy(
+        scale * text @ all_image.T, labels
+    )
+    return gathered.weight * per_rank / 2
 
 
 def gather_for_contrastive(*tensors: Tensor) -> ContrastiveGather:

@@ -19,7 +19,7 @@ from conftest import small_world_overrides
 REPO = Path(__file__).resolve().parents[1]
 PAUSING_TRAIN = REPO / "tests" / "helpers" / "pausing_train.py"
 
-#: a tiny CLIP trained for 2 epochs of 4 steps (64 samples, batch 16) with a checkpoint every step
+#: a tiny CLIP trained for 2 epochs of 4 steps (64 samples, batch 16), deterministic
 TINY_CLIP_RUN = [
     "experiment=tiny_synthetic_clip",
     "trainer.precision=32-true",
@@ -28,7 +28,6 @@ TINY_CLIP_RUN = [
     "trainer.log_every_n_steps=1",
     "data.max_samples=64",
     "data.batch_size=16",
-    "checkpoint.every_n_train_steps=1",
 ]
 
 

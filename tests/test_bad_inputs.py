@@ -301,7 +301,7 @@ def test_non_finite_loss_or_gradient_stops_with_step_and_batch_and_keeps_the_goo
             "trainer.max_epochs=1",
             "data.max_samples=64",
             "data.batch_size=16",
-            "checkpoint.every_n_train_steps=1",
+            "checkpoint.every_n_train_steps=2",  # the last one before the poisoned step 2 is at step 2
             "eval_benchmarks=[]",
         ],
     )

@@ -57,37 +57,21 @@ def uninterrupted(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -
     return metrics, out / "run"
 
 
-def _resume_and_compare(overrides: list[str], run: Path, uninterrupted: tuple[dict, Path]) -> None:
-    metrics = train(compose_config("train", [*overrides, f"paths.run_dir={run}", "resume=last"]))
-    reference_metrics, reference_run = uninterrupted
-    assert metrics == reference_metrics
-    assert loss_trajectory(run) == pytest.approx(loss_trajectory(reference_run), rel=1e-6, abs=0)
-    assert sorted(loss_trajectory(reference_run)) == list(range(8))
-    last, reference = (
-        checkpoint(run / "checkpoints" / "last.ckpt"),
-        checkpoint(reference_run / "checkpoints" / "last.ckpt"),
-    )
-    assert last["global_step"] == reference["global_step"] == 8
-    assert max_weight_difference(last, reference) <= 1e-6
+def _versions(run: Path) -> list[list[int]]:
+    """The steps each launch of a run trained, launch by launch (a resumed run adds a CSV log version)."""
+    out = []
+    for file in sorted((run / "csv").glob("version_*/metrics.csv")):
+        with open(file, newline="") as f:
+            out.append(sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")))
+    return out
 
 
-def _resumed_steps(run: Path) -> list[int]:
-    """Steps trained by the resumed part of a run (its second CSV log version)."""
-    with open(run / "csv" / "version_1" / "metrics.csv", newline="") as f:
-        return sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss"))
+def _interrupt(overrides: list[str], run: Path, step: int, sig: int, log: Path) -> tuple[int, list[str]]:
+    """Launch (or resume) the run, let it pause before optimizer step ``step``, send ``sig``.
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("step", "where"),
-    [
-        (6, ("1", "2")),  # mid-epoch: resumes from the step checkpoint, skipping the 2 batches trained
-        (4, ("1", "0")),  # epoch boundary: resumes from the end-of-epoch checkpoint (after validation)
-    ],
-)
-def test_sigkill_then_resume_equals_the_uninterrupted_run(small_world, tmp_path, uninterrupted, step, where):
-    run, marker, log = tmp_path / "run", tmp_path / "paused", tmp_path / "killed.log"
-    overrides = [*base_overrides(small_world, tmp_path / "outputs"), *TINY_CLIP_RUN]
+    Returns the exit status and where it paused: [global step, epoch, batch index in the epoch].
+    """
+    marker = run.parent / f"paused_before_step_{step}"
     proc = start(
         [str(PAUSING_TRAIN), *overrides, f"hydra.run.dir={run}"],
         log,
@@ -95,47 +79,58 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(small_world, tmp_path,
         ZSCIR_PAUSE_MARKER=str(marker),
     )
     try:
-        paused_step, epoch, batch = wait_for(marker, proc, log).split()
-        assert (paused_step, epoch, batch) == (str(step), *where)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+        where = wait_for(marker, proc, log).split()
+        os.kill(proc.pid, sig)
+        rc = proc.wait(timeout=180)
     finally:
         kill_group(proc)
-    assert not (run / "metrics.json").exists()
-    killed = checkpoint(run / "checkpoints" / "last.ckpt")  # complete and loadable
-    assert killed["global_step"] == step
-    _resume_and_compare(overrides, run, uninterrupted)
-    assert _resumed_steps(run) == list(range(step, 8))  # no batch trained twice, none skipped
+    return rc, where
 
 
 @pytest.mark.slow
-def test_sigterm_saves_last_checkpoint_exits_143_and_resumes_exactly(small_world, tmp_path, uninterrupted):
-    run, marker, log = tmp_path / "run", tmp_path / "paused", tmp_path / "preempted.log"
-    # no periodic checkpoints: whatever last.ckpt exists afterwards was written because of the SIGTERM
-    overrides = [*base_overrides(small_world, tmp_path / "outputs"), *TINY_CLIP_RUN]
-    preempted = [*overrides, "checkpoint.every_n_train_steps=0"]
-    proc = start(
-        [str(PAUSING_TRAIN), *preempted, f"hydra.run.dir={run}"],
-        log,
-        ZSCIR_PAUSE_AT_STEP="5",
-        ZSCIR_PAUSE_MARKER=str(marker),
-    )
-    try:
-        assert wait_for(marker, proc, log).split() == ["5", "1", "1"]
-        assert checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4  # end of epoch 0
-        os.kill(proc.pid, signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    finally:
-        kill_group(proc)
-    assert rc == PREEMPTED_EXIT_CODE, tail(log)
+def test_killed_and_preempted_run_resumes_to_the_uninterrupted_result(small_world, tmp_path, uninterrupted):
+    """One run, interrupted three times, each resumed from what the interruption left on disk:
+
+    1. SIGKILL in the middle of epoch 0 (before step 2): resume from the periodic step checkpoint;
+    2. SIGKILL right after epoch 0 (before step 4): resume from the end-of-epoch checkpoint;
+    3. SIGTERM in the middle of epoch 1 (before step 6): the batch in flight finishes, last.ckpt is
+       written at step 7, exit status 143; resume from that.
+    The result — metrics, per-step losses, weights — is the uninterrupted run's.
+    """
+    run = tmp_path / "run"
+    overrides = [
+        *base_overrides(small_world, tmp_path / "outputs"),
+        *TINY_CLIP_RUN,
+        "checkpoint.every_n_train_steps=2",
+    ]
+    last = run / "checkpoints" / "last.ckpt"
+
+    rc, where = _interrupt(overrides, run, 2, signal.SIGKILL, tmp_path / "1.log")
+    assert (rc, where) == (-signal.SIGKILL, ["2", "0", "2"])
+    assert checkpoint(last)["global_step"] == 2  # complete and loadable
+
+    rc, where = _interrupt([*overrides, "resume=last"], run, 4, signal.SIGKILL, tmp_path / "2.log")
+    assert (rc, where) == (-signal.SIGKILL, ["4", "1", "0"]), tail(tmp_path / "2.log")
+    at_epoch_end = checkpoint(last)
+    assert at_epoch_end["global_step"] == 4
+    assert at_epoch_end["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 1  # epoch 0 done
+
+    log = tmp_path / "3.log"
+    rc, where = _interrupt([*overrides, "resume=last"], run, 6, signal.SIGTERM, log)
+    assert (rc, where) == (PREEMPTED_EXIT_CODE, ["6", "1", "2"]), tail(log)
     assert "SIGTERM: saved" in log.read_text()
     assert "Traceback" not in log.read_text(), tail(log)
-    # step 6: written because of the signal (epoch-end checkpoints are at steps 4 and 8), after the
-    # batch in flight finished
-    assert checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert checkpoint(last)["global_step"] == 7  # no periodic save at odd steps: the signal wrote it
     assert not (run / "metrics.json").exists()
-    _resume_and_compare(overrides, run, uninterrupted)
-    assert _resumed_steps(run) == [6, 7]
+
+    metrics = train(compose_config("train", [*overrides, f"paths.run_dir={run}", "resume=last"]))
+    assert _versions(run) == [[0, 1], [2, 3], [4, 5, 6], [7]]  # no batch trained twice, none skipped
+    reference_metrics, reference_run = uninterrupted
+    assert metrics == reference_metrics
+    assert loss_trajectory(run) == pytest.approx(loss_trajectory(reference_run), rel=1e-6, abs=0)
+    final, reference = checkpoint(last), checkpoint(reference_run / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == reference["global_step"] == 8
+    assert max_weight_difference(final, reference) <= 1e-6
 
 
 # ---- the pieces, one at a time (fast) ------------------------------------------------------------------

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from zscir.methods.distributed import clip_loss
+
+def _load_distributed_helpers() -> ModuleType:
+    """``zscir.methods.distributed`` alone (it imports only torch): importing it as usual runs the
+    ``zscir.methods`` package, which imports Lightning and open_clip, seconds per spawned process that
+    this test does not need."""
+    path = Path(__file__).resolve().parents[2] / "src" / "zscir" / "methods" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("_zscir_distributed", path)
+    assert spec is not None, path
+    assert spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+clip_loss = _load_distributed_helpers().clip_loss
 
 CASES = {  # name: (rows per rank, gather negatives)
     "equal": ((4, 4), True),

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "zscir"
 
 #: calls that write a file; on a line of their own they bypass the atomic writers
 WRITERS = re.compile(
-    r"\.write_text\(|\.write_bytes\(|\bopen\([^)]*['\"][wax]b?\+?['\"]|torch\.save\(|np\.savez?(_compressed)?\(|"
+    r"\.write_text\(|\.write_bytes\(|\b(?:fd)?open\([^)]*['\"][wax]b?\+?['\"]|torch\.save\(|np\.savez?(_compressed)?\(|"
     r"\.savefig\(|json\.dump\(|pickle\.dump\(|\.to_csv\(|\.to_parquet\(|shutil\.copy|tarfile\.open\([^)]*['\"]w|"
     r"\b\w*(image|img|im)\.save\("  # PIL
 )
@@ -41,6 +41,7 @@ def test_every_file_writer_in_the_library_is_atomic():
 def test_the_audit_catches_a_plain_write():
     assert WRITERS.search('(run_dir / "metrics.json").write_text(json.dumps(m))')
     assert WRITERS.search('with open(path, "w") as f:')
+    assert WRITERS.search('with os.fdopen(fd, "wb") as f:')
     assert WRITERS.search("torch.save(state, path)")
     assert WRITERS.search("image.save(path)")
     assert not WRITERS.search('with open(path, "rb") as f:')

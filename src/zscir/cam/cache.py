@@ -119,7 +119,7 @@ class CamCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             try:
-                with os.fdopen(fd, "wb") as f:
+                with os.fdopen(fd, "wb") as f:  # atomic: a temp file, renamed over the entry below
                     f.write(data)
                 os.replace(tmp, path)
             except BaseException:

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zscir.backbones import BackboneLoadError
+from zscir.cli.safe_loggers import start_failsafe
 from zscir.data.benchmarks import Benchmark, build_benchmark
 from zscir.data.loaders import DataConfig
 from zscir.data.synthetic import SynthConfig, generate_world
@@ -146,6 +147,9 @@ class CheckpointConfig:
     monitor: str | None = None
     mode: str = "max"
     every_n_epochs: int = 1
+    #: also write last.ckpt every N optimizer steps (0: only at epoch ends and on SIGTERM); what a
+    #: killed run can resume from mid-epoch
+    every_n_train_steps: int = 0
 
 
 @dataclass
@@ -214,12 +218,30 @@ def validate_config(cfg: DictConfig, task: str) -> None:
     parse_config(BackboneConfig, plain(cfg.backbone))
     parse_config(method_class(cfg.method.name).Config, plain(cfg.method))
     parse_config(EvalConfig, plain(cfg.eval))
+    check_trainer_keys(plain(cfg.trainer))
     parse_config(SynthConfig, plain(cfg.synth))
     if task == "train":
         parse_config(DataConfig, plain(cfg.data))
         parse_config(CheckpointConfig, plain(cfg.checkpoint))
     for bench in benchmark_configs(cfg):
         parse_config(BenchmarkConfig, {k: bench[k] for k in ("kind", "root", "split", "name") if k in bench})
+
+
+def check_trainer_keys(trainer_cfg: dict) -> None:
+    """``trainer`` takes any ``lightning.Trainer`` keyword; a typo fails now, with the likely intended name."""
+    import difflib
+    import inspect
+
+    known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(trainer_cfg) - known)
+    if unknown:
+        hints = [
+            f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+            for k in unknown
+        ]
+        raise ValueError(
+            f"unknown trainer option(s) {', '.join(hints)}: the trainer group takes lightning.Trainer arguments"
+        )
 
 
 def plain(node: Any) -> Any:
@@ -293,6 +315,7 @@ def ensure_backbone(cfg: DictConfig) -> None:
         recipe_cfg.synth = cfg.synth
         recipe_cfg.paths.run_dir = str(Path(cfg.paths.output_dir) / "backbones" / cfg.backbone.name)
         recipe_cfg.method.export_backbone = checkpoint
+        recipe_cfg.resume = "last"  # an interrupted first-use training continues instead of starting over
     train(recipe_cfg)
     if not Path(checkpoint).is_file():
         raise BackboneLoadError(f"experiment={recipe} finished but did not write {checkpoint}")
@@ -367,9 +390,11 @@ def check_launch(cfg: DictConfig, multirun: bool | None = None) -> None:
 
 # ---- trainer --------------------------------------------------------------------------------------
 def build_loggers(cfg: DictConfig) -> list:
-    """The configured loggers; one that cannot start (W&B unreachable, not logged in) is dropped with a
-    warning and never fails the run. W&B gets this run's identity (see ``zscir.cli.tracking``)."""
-    from zscir.cli.tracking import is_wandb, start_wandb, wandb_settings
+    """The configured loggers, started now and guarded: one that cannot start (W&B unreachable, not
+    logged in) is dropped with a warning, and one that fails later is disabled with a warning; neither
+    ever fails the run (see ``zscir.cli.safe_loggers``). W&B gets this run's identity (see
+    ``zscir.cli.tracking``)."""
+    from zscir.cli.tracking import wandb_settings
 
     loggers = []
     for name, conf in (cfg.get("logger") or {}).items():
@@ -380,14 +405,15 @@ def build_loggers(cfg: DictConfig) -> list:
             if str(conf.get("_target_", "")).endswith("WandbLogger"):
                 benchmarks = [b.get("name") or b["kind"] for b in benchmark_configs(cfg)]
                 conf = wandb_settings(conf, cfg, Path(cfg.paths.run_dir), benchmarks)
-            logger = instantiate(conf)
-            if is_wandb(logger):
-                start_wandb(logger)  # W&B starts lazily: make an unreachable W&B fail here, not mid-run
-            loggers.append(logger)
-        except Exception as err:
+            # W&B starts lazily: start_failsafe makes an unreachable W&B fail here, not mid-run
+            logger = start_failsafe(instantiate(conf), name)
+        except Exception as err:  # e.g. W&B not installed or misconfigured: never fail the run for a logger
             log.warning(
                 "logger %s could not start (%s: %s); continuing without it", name, type(err).__name__, err
             )
+            continue
+        if logger is not None:
+            loggers.append(logger)
     return loggers
 
 
@@ -397,11 +423,19 @@ def wandb_examples(cfg: DictConfig) -> int:
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: Path, callbacks: list | None = None, loggers: list | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    callbacks: list | None = None,
+    loggers: list | None = None,
+    plugins: list | None = None,
 ) -> L.Trainer:
     kwargs = plain(cfg.trainer)
     return L.Trainer(
-        default_root_dir=str(run_dir), callbacks=callbacks or [], logger=loggers or False, **kwargs
+        default_root_dir=str(run_dir),
+        callbacks=callbacks or [],
+        logger=loggers or False,
+        plugins=plugins or None,
+        **kwargs,
     )
 
 

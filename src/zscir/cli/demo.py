@@ -7,7 +7,6 @@ and evaluated on the synthetic CIRR- and CIRCO-layout benchmarks → one side-by
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -19,6 +18,7 @@ from zscir.cli.common import compose_config, ensure_backbone, ensure_synthetic_w
 from zscir.cli.evaluate import evaluate
 from zscir.cli.report import report
 from zscir.cli.train import train
+from zscir.utils.io import atomic_write_json
 
 log = logging.getLogger("zscir")
 
@@ -121,7 +121,7 @@ def run_demo(
     }
     for grid in grids:
         print(f"CAM grid (what CAM-TI masks): {grid}")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out_dir / "summary.json", summary)
     print(
         f"tiny CLIP (backbone=tiny_synthetic) held-out caption->image R@1: {summary['tiny_clip_caption_to_image_recall@1']:.2f}% "
         f"(chance: {100 / 1000:.2f}%)"

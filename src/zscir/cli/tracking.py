@@ -107,12 +107,6 @@ def is_wandb(logger: Any) -> bool:
     return type(logger).__name__ == "WandbLogger"
 
 
-def start_wandb(logger: Any) -> None:
-    """Create the W&B run now (rank 0; other ranks get Lightning's dummy), so that a W&B that cannot
-    start fails here, where the caller drops the logger, rather than in the middle of training."""
-    _ = logger.experiment
-
-
 def finish_wandb(loggers: list, failed: bool = False) -> None:
     """``wandb.finish()`` after every run, so the next job of a multirun (same process) starts its own
     W&B run instead of Lightning re-using this one. Never raises."""

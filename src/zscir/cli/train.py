@@ -3,21 +3,31 @@
     zscir-train experiment=demo method=lincir
     zscir-train -m method=pli,lincir seed=0,1,2 backbone=tiny_synthetic   # one run dir per job
     torchrun --nproc_per_node=8 -m zscir.cli.train trainer=ddp ...          # one multi-GPU run
+    zscir-train <same overrides> hydra.run.dir=<run dir> resume=last       # continue a killed/pre-empted run
 
 Sweep jobs are single-process: ``-m`` with a strategy that re-launches the script is refused
 (``common.check_launch``).
+
+A run directory holds one run: training into a directory that already has checkpoints or results is
+refused unless ``resume`` is given. ``resume=last`` continues from ``<run dir>/checkpoints/last.ckpt``
+(or starts afresh when there is none yet, so one command serves the first launch and every requeue).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from zscir.cli.callbacks import AtomicCheckpointIO, Preempted, reliability_callbacks
 from zscir.cli.common import (
     CONF_DIR,
     benchmark_configs,
@@ -41,6 +51,7 @@ from zscir.cli.tracking import Throughput, finish_wandb, log_wandb_summary, mark
 from zscir.data.loaders import DataConfig, build_train_loader
 from zscir.methods import RetrievalMethod, build_method
 from zscir.retrieval.cache import GalleryCache
+from zscir.utils.io import remove_stale_temp_files
 
 log = logging.getLogger("zscir")
 
@@ -50,6 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg, "train")
     check_launch(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    resume = resolve_resume(cfg.get("resume"), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_global_zero():
         mark_latest_sweep()
@@ -69,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = build_loggers(cfg)
     failed = True
     try:
-        metrics = _fit_and_test(cfg, method, benchmarks, run_dir, loggers)
+        metrics = _fit_and_test(cfg, method, benchmarks, run_dir, loggers, resume)
         failed = False
     finally:  # every job of a multirun is its own W&B run, failed or not (STYLE.md §5, pitfall 3)
         finish_wandb(loggers, failed=failed)
@@ -77,7 +89,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _fit_and_test(
-    cfg: DictConfig, method: RetrievalMethod, benchmarks: list, run_dir: Path, loggers: list
+    cfg: DictConfig,
+    method: RetrievalMethod,
+    benchmarks: list,
+    run_dir: Path,
+    loggers: list,
+    resume: str | None,
 ) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams(plain(cfg))
@@ -90,29 +107,29 @@ def _fit_and_test(
             filename="epoch_{epoch:03d}",
             auto_insert_metric_name=False,
             save_last=True,
+            enable_version_counter=False,  # last.ckpt is shared with LastCheckpoint: overwrite, never last-v1
             monitor=ckpt_cfg.monitor,
             mode=ckpt_cfg.mode,
             save_top_k=1 if ckpt_cfg.monitor else 0,
             every_n_epochs=ckpt_cfg.every_n_epochs,
         )
-        callbacks = [checkpoint, Throughput()]
-        if loggers:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        trainer = build_trainer(cfg, run_dir, callbacks, loggers)
+        callbacks = [
+            checkpoint,
+            *reliability_callbacks(
+                run_dir / "checkpoints", ckpt_cfg.get("every_n_train_steps", 0), ckpt_cfg.every_n_epochs
+            ),
+            Throughput(),
+            *([LearningRateMonitor(logging_interval="step")] if loggers else []),
+        ]
+        trainer = build_trainer(cfg, run_dir, callbacks, loggers, plugins=[AtomicCheckpointIO()])
         loader = build_train_loader(
             parse_config(DataConfig, plain(cfg.data)),
             method.encoder.image_transform,
             seed=cfg.seed,
             text_samples=getattr(method, "text_samples", None),  # a text-only method's own samples (LinCIR)
         )
-        resume = cfg.get("resume")
-        if resume == "last":
-            resume = (
-                str(run_dir / "checkpoints" / "last.ckpt")
-                if (run_dir / "checkpoints" / "last.ckpt").is_file()
-                else None
-            )
-        trainer.fit(method, train_dataloaders=loader, ckpt_path=resume)
+        with preemption_exit():
+            trainer.fit(method, train_dataloaders=loader, ckpt_path=resume)
         best = checkpoint.best_model_path or None if ckpt_cfg.monitor else None
         evaluated = Path(best) if best else run_dir / "checkpoints" / "last.ckpt"
     else:
@@ -121,7 +138,8 @@ def _fit_and_test(
 
     metrics: dict[str, float] = {}
     if method.benchmarks:
-        trainer.test(method, ckpt_path=best, verbose=False)
+        with preemption_exit():
+            trainer.test(method, ckpt_path=best, verbose=False)
         metrics = metrics_after_test(method, trainer, prefix_benchmark=True)
     if trainer.global_rank == 0:
         write_examples(cfg, method, benchmarks, run_dir, loggers)
@@ -129,6 +147,50 @@ def _fit_and_test(
         write_run_info(run_dir, cfg, "train", metrics, evaluated)
         print_metrics(f"{cfg.get('label') or cfg.method.name} ({cfg.backbone.name}) -> {run_dir}", metrics)
     return metrics
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to resume from, after refusing to overwrite a run directory that holds a run.
+
+    Raises:
+        FileExistsError: ``run_dir`` already holds checkpoints or results and ``resume`` is not set.
+        FileNotFoundError: ``resume`` is a path that does not exist.
+    """
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume is None:
+        previous = [p for p in (last, run_dir / "metrics.json", run_dir / "run_info.json") if p.exists()]
+        previous += sorted((run_dir / "checkpoints").glob("*.ckpt")) if not previous else []
+        if previous and rank_zero_only.rank == 0:  # DDP children start after rank 0 and share the dir
+            raise FileExistsError(
+                f"{run_dir} already holds a run ({previous[0].name} exists). To continue it, add "
+                f"resume=last; to start a new run, use another hydra.run.dir (or delete {run_dir})."
+            )
+        return None
+    if resume == "last":
+        if not last.is_file():
+            log.info("resume=last: no %s yet; starting from scratch", last)
+            return None
+        resume = str(last)
+    elif not Path(resume).expanduser().is_file():
+        raise FileNotFoundError(
+            f"resume={resume!r}: no such checkpoint; pass resume=last (this run dir's last.ckpt) or a .ckpt path"
+        )
+    if rank_zero_only.rank == 0:
+        for stale in remove_stale_temp_files(run_dir / "checkpoints"):
+            log.info("removed %s, left by a write that was killed", stale)
+    log.info("resuming from %s", resume)
+    return str(Path(resume).expanduser())
+
+
+@contextlib.contextmanager
+def preemption_exit() -> Iterator[None]:
+    """Lightning stops on SIGTERM (after LastCheckpoint saved, or during evaluation) with a SystemExit of
+    status 0; make that status 143 instead, so nothing mistakes the run for a finished one."""
+    try:
+        yield
+    except SIGTERMException as err:
+        log.warning("SIGTERM: stopped before the run finished (no results written)")
+        raise Preempted() from err
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

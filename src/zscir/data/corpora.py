@@ -115,7 +115,19 @@ def load_image_caption_corpus(spec: str | Path) -> list[CaptionedImage]:
         samples.extend(entries)
     if not samples:
         raise DatasetLayoutError(f"{spec}: the shards hold no (image, .txt caption) pairs")
-    return samples
+    kept = [s for s in samples if s.caption.strip()]
+    if len(kept) < len(samples):  # nothing to learn from, and a contrastive batch would gain a blank "text"
+        empty = [s.key for s in samples if not s.caption.strip()]
+        log.warning(
+            "%s: dropped %d of %d samples with an empty caption (e.g. %s)",
+            spec,
+            len(empty),
+            len(samples),
+            empty[:5],
+        )
+    if not kept:
+        raise DatasetLayoutError(f"{spec}: every caption in the shards is empty")
+    return kept
 
 
 def load_caption_folder(root: str | Path, captions_dir: str | Path | None = None) -> list[CaptionedImage]:
@@ -209,10 +221,18 @@ class ImageCaptionDataset(Dataset):
 
 
 def collate_skip_none(items: list[dict | None]) -> dict:
-    """Default collation of the readable samples; ``skipped`` counts the unreadable ones."""
+    """Default collation of the readable samples; ``skipped`` counts the unreadable ones.
+
+    Raises:
+        ImageLoadError: no sample of the batch could be read — that is a broken corpus (wrong format,
+            unreadable shards), not a few corrupt images, and training on it would be meaningless.
+    """
     good = [it for it in items if it is not None]
     if not good:
-        return {"skipped": len(items)}
+        raise ImageLoadError(
+            f"none of the {len(items)} images of a training batch could be read (see the warnings above "
+            "for each one); check data.path and that the shards hold valid .jpg/.png images"
+        )
     batch = torch.utils.data.default_collate(good)
     batch["skipped"] = len(items) - len(good)
     return batch

@@ -233,7 +233,7 @@ def _locked(path: Path) -> Iterator[None]:
     lock = path.with_name(path.name + ".lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        handle = lock.open("a")
+        handle = lock.open("a")  # atomic: a lock file, nothing is written to it
     except OSError:
         yield
         return

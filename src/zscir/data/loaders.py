@@ -1,11 +1,11 @@
-"""Training data loaders built from a ``data`` config."""
+"""Training data loaders built from a ``data`` config (in-memory corpora resumable mid-epoch: see
+``zscir.data.samplers``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from zscir.data.corpora import (
@@ -14,6 +14,7 @@ from zscir.data.corpora import (
     collate_skip_none,
     load_captioned_images,
 )
+from zscir.data.samplers import ResumableDataLoader
 from zscir.data.text_corpora import (
     CaptionSource,
     StreamingSamples,
@@ -68,7 +69,9 @@ def build_train_loader(
     cfg: DataConfig, image_transform: object, seed: int = 0, text_samples: TextSamples | None = None
 ) -> DataLoader:
     """The training loader of ``cfg``; ``text_samples`` (a method's own text pipeline) replaces the plain
-    ``{"index", "caption"}`` samples of a text corpus."""
+    ``{"index", "caption"}`` samples of a text corpus. In-memory corpora get a
+    :class:`~zscir.data.samplers.ResumableDataLoader` (resumable mid-epoch); a streaming corpus does not
+    (a resumed run restarts its stream)."""
     if cfg.kind == "text" and cfg.streaming:
         return _streaming_text_loader(cfg, seed, text_samples)
     if cfg.kind == "image_caption":
@@ -87,15 +90,15 @@ def build_train_loader(
         raise ValueError(
             f"{cfg.path}: {len(dataset)} samples is less than one batch of {cfg.batch_size} with drop_last=true"
         )
-    return DataLoader(
+    return ResumableDataLoader(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=cfg.shuffle,
+        seed=seed,
         drop_last=cfg.drop_last,
         num_workers=cfg.num_workers,
         collate_fn=collate,
         persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from zscir.backbones import Encoder, backbone_fingerprint, build_encoder
 from zscir.data.benchmarks.base import Benchmark
 from zscir.data.eval_data import GalleryDataset, QueryDataset, collate_queries
+from zscir.data.samplers import BatchShardSampler, batch_shard
 from zscir.metrics.modules import BenchmarkMetric
 from zscir.retrieval.cache import GalleryCache, cache_key
 from zscir.retrieval.search import normalize
@@ -144,6 +145,7 @@ class RetrievalMethod(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["zscir"] = {
             "method": self.cfg.name,
+            "backbone": self.backbone_cfg.get("name"),
             "backbone_fingerprint": backbone_fingerprint(self.backbone_cfg),
             "omitted": sorted(frozen),
         }
@@ -151,13 +153,18 @@ class RetrievalMethod(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("zscir", {})
         if info.get("method", self.cfg.name) != self.cfg.name:
-            raise ValueError(f"checkpoint was trained with method {info['method']!r}, not {self.cfg.name!r}")
-        if info.get("backbone_fingerprint", backbone_fingerprint(self.backbone_cfg)) != backbone_fingerprint(
-            self.backbone_cfg
-        ):
             raise ValueError(
-                "checkpoint was trained on a different backbone (weights fingerprint differs); "
-                "pass the backbone it was trained with"
+                f"checkpoint was trained with method {info['method']!r}, not {self.cfg.name!r}: "
+                f"pass method={info['method']} (or a checkpoint of {self.cfg.name})"
+            )
+        ours = backbone_fingerprint(self.backbone_cfg)
+        if info.get("backbone_fingerprint", ours) != ours:
+            theirs = info.get("backbone") or "another backbone"
+            raise ValueError(
+                f"checkpoint was trained on backbone {theirs!r} (weights fingerprint "
+                f"{info['backbone_fingerprint']}), but this run uses {self.backbone_cfg.get('name')!r} "
+                f"(fingerprint {ours}); pass the backbone config it was trained with "
+                f"(backbone={theirs} with the same weights file, init_seed and checkpoint)"
             )
         own = self.state_dict()
         for name in info.get("omitted", []):
@@ -177,16 +184,21 @@ class RetrievalMethod(L.LightningModule):
         self._metrics = [BenchmarkMetric(b, sync_on_compute=True) for b in self.benchmarks]
 
     def _query_loaders(self) -> list[DataLoader]:
+        # ranks take whole single-process batches (BatchShardSampler), so DDP features are bitwise those
+        # of one process; padding batches are dropped again by position in BenchmarkMetric
         return [
             DataLoader(
-                QueryDataset(b, self.encoder.image_transform, self.encoder.image_size),
+                dataset,
                 batch_size=self.eval_batch_size,
+                sampler=BatchShardSampler(len(dataset), self.eval_batch_size),
                 num_workers=self.eval_workers,
-                shuffle=False,
                 collate_fn=collate_queries,
                 persistent_workers=self.eval_workers > 0,
             )
-            for b in self.benchmarks
+            for dataset in (
+                QueryDataset(b, self.encoder.image_transform, self.encoder.image_size)
+                for b in self.benchmarks
+            )
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -210,11 +222,12 @@ class RetrievalMethod(L.LightningModule):
 
     @torch.no_grad()
     def _encode_gallery_sharded(self, benchmark: Benchmark) -> Tensor:
-        """Encode the whole gallery, each rank a strided share, then all-gather to every rank."""
+        """Encode the whole gallery, each rank whole batches of it (:func:`batch_shard`), then all-gather
+        to every rank."""
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0
         dataset = GalleryDataset(benchmark, self.encoder.image_transform)
-        share = Subset(dataset, list(range(rank, len(dataset), world)))
+        share = Subset(dataset, batch_shard(len(dataset), self.eval_batch_size, rank, world, pad=False))
         loader = DataLoader(
             share, batch_size=self.eval_batch_size, num_workers=self.eval_workers, shuffle=False
         )
@@ -235,8 +248,11 @@ class RetrievalMethod(L.LightningModule):
                 index.append(batch["index"].to(self.device))
         index = torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=self.device)
         feats = torch.cat(feats) if feats else torch.empty(0, self.encoder.embed_dim, device=self.device)
-        if world > 1:
-            per_rank = math.ceil(len(dataset) / world)
+        if world > 1:  # shares differ in size by at most a batch: pad them for all_gather
+            per_rank = max(
+                len(batch_shard(len(dataset), self.eval_batch_size, r, world, pad=False))
+                for r in range(world)
+            )
             pad = per_rank - index.shape[0]
             index = torch.cat([index, index.new_full((pad,), -1)])
             feats = torch.cat([feats, feats.new_zeros(pad, feats.shape[1])])
@@ -257,6 +273,11 @@ class RetrievalMethod(L.LightningModule):
             key = self._gallery_key(benchmark)
             ids = [r.image_id for r in benchmark.gallery]
             feats = self.gallery_cache.load(key, ids) if key else None
+            # encoding is collective: if any rank missed the cache (another run writing the entry right
+            # now), every rank must encode, or the others would wait forever in all_gather
+            distributed = self._trainer is not None and self.trainer.world_size > 1
+            if distributed and not self.trainer.strategy.reduce_boolean_decision(feats is not None, all=True):
+                feats = None
             if feats is None:
                 feats = self._encode_gallery_sharded(benchmark)
                 if key and self.global_rank == 0:

@@ -3,6 +3,11 @@
 Symmetric InfoNCE over the batch with a learnable logit scale (clamped at 100, as CLIP does). After
 training the encoder's weights can be exported as a plain state dict (``export_backbone``) that a
 backbone config loads with ``checkpoint=``.
+
+Under DDP, ``gather_negatives`` (default on) scores each rank's pairs against the pairs of every rank
+(:func:`zscir.methods.distributed.clip_loss`), so ``W`` processes × batch ``B`` train
+exactly like 1 process × batch ``W·B``. Turned off, each rank's loss uses only its local ``B - 1``
+negatives (cheaper, but a different objective). Single-process runs are the same either way.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zscir.methods.base import MethodConfig, RetrievalMethod
+from zscir.methods.distributed import clip_loss
 from zscir.retrieval.search import normalize
 from zscir.utils.io import atomic_write
 
@@ -25,6 +30,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class CLIPPretrainConfig(MethodConfig):
     init_temperature: float = 0.07
+    #: under DDP, contrast against the negatives of every rank (all_gather with gradients)
+    gather_negatives: bool = True
     #: where to write the trained encoder's state dict (None: nowhere)
     export_backbone: str | None = None
 
@@ -47,10 +54,9 @@ class CLIPPretrain(RetrievalMethod):
         image = normalize(self.encoder.encode_image(batch["pixels"]))
         text = normalize(self.encoder.encode_text(self.encoder.tokenize(batch["caption"]).to(self.device)))
         scale = self.logit_scale.exp().clamp(max=100)
-        logits = scale * image @ text.T
-        labels = torch.arange(logits.shape[0], device=self.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        self.log("train/loss", loss, prog_bar=True)
+        loss = clip_loss(image, text, scale, gather_negatives=self.cfg.gather_negatives)
+        # with gathered negatives, the mean over ranks of ``loss`` is the global-batch loss
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/logit_scale", scale)
         return loss
 

@@ -6,6 +6,8 @@ either the old file or the complete new one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -13,22 +15,73 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+TEMP_SUFFIX = ".tmp"
+# mkstemp creates 0600 files; outputs get the usual permissions (0666 minus the umask) instead
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, and rename it to ``path``."""
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, and rename it to ``path``.
+
+    On any failure the temp file is removed and ``path`` keeps its previous content. An ``OSError``
+    (disk full, quota, permissions) is re-raised with the same errno and a message naming ``path``.
+    A process killed mid-write leaves only a ``.<name>.*.tmp`` file behind (see :func:`remove_stale_temp_files`).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from err
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _naming(err, path) from err
         raise
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (power loss); best effort, some file systems refuse it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """The same kind of error, with a message that says which output failed and what to do."""
+    hint = {
+        errno.ENOSPC: "the disk is full: free space or point paths.output_dir at a larger disk",
+        errno.EDQUOT: "the disk quota is exceeded: free space or point paths.output_dir elsewhere",
+        errno.EACCES: "no permission to write there: choose another paths.output_dir / hydra.run.dir",
+        errno.EROFS: "the file system is read-only: choose another paths.output_dir / hydra.run.dir",
+    }.get(err.errno, "")
+    message = f"could not write {path}: {err.strerror or err}" + (f" ({hint})" if hint else "")
+    return OSError(err.errno, message)
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temp files that a killed :func:`atomic_write` left in ``folder``; returns what was removed.
+
+    Call it only when no other process writes into ``folder`` (e.g. at the start of a resumed run).
+    """
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".*{TEMP_SUFFIX}")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -227,7 +227,7 @@ def load_rgb(
                 source = io.BytesIO(f.read(span[1]))
         with Image.open(source) as im:
             im.load()
-            image = im.convert("RGB")
+            image = to_rgb(im)
     except FileNotFoundError as err:
         raise ImageLoadError(f"image file is missing: {where}") from err
     except Exception as err:  # PIL raises several types for truncated or non-image files
@@ -235,6 +235,21 @@ def load_rgb(
     if box is not None:
         image = image.crop(box)
     return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode. 16-bit and float greyscale are rescaled first: PIL's own ``convert``
+    clips them to 255, which turns an ordinary 16-bit PNG into a white image."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0  # [0, 1] floats, else already 0..255
+        else:
+            scale = 1 / 257  # 16-bit range 0..65535 -> 0..255
+        image = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8))  # mode L
+    return image.convert("RGB")
 
 
 def read_json(path: Path, what: str, obtain: str) -> object:

@@ -1,0 +1,118 @@
+"""Contrastive losses under DDP: negatives from every rank, gradients back to the rank that owns them.
+
+With ``W`` processes each holding ``B`` pairs, an InfoNCE loss over the local batch sees only ``B - 1``
+negatives, so ``W × B`` training is not ``1 × W·B`` training. :func:`gather_for_contrastive` all-gathers
+features *with* gradients; a method then scores its own rows against every rank's columns
+(:func:`clip_loss` does exactly this for the CLIP loss)::
+
+    g = gather_for_contrastive(image, text)              # g.tensors: ([N, D], [N, D]), N = Σ B_r
+    all_image, all_text = g.tensors
+    labels = g.labels(image.device)                     # this rank's rows in the gathered batch
+    loss_i = F.cross_entropy(scale * image @ all_text.T, labels)
+    loss_t = F.cross_entropy(scale * text @ all_image.T, labels)
+    loss = g.weight * (loss_i + loss_t) / 2
+
+Why this is exact: the backward of the gather sums, over ranks, each rank's gradient for the rows it
+received and hands every rank the sum for its own rows; DDP then averages parameter gradients over
+ranks. The two together give the gradient of the mean of the per-rank losses, and ``weight``
+(``W · B_r / N``) makes that mean equal the loss over the whole gathered batch even when ranks hold
+different numbers of rows (a skipped corrupt image). So ``W × B`` with gathering follows the same
+trajectory as ``1 × W·B`` (tested in tests/test_ddp.py), up to float summation order.
+
+Works on any backend with ``all_gather`` and ``all_reduce`` (gloo included); without an initialised
+process group it returns its inputs unchanged, so single-process code runs the same lines.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """[M, ...] per rank -> [W, M, ...] on every rank; backward: sum of all ranks' gradients, own slice."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[dist.get_rank()]
+
+
+class ContrastiveGather(NamedTuple):
+    """The gathered batch and where this rank's rows sit in it."""
+
+    #: each input gathered over ranks: [N, ...] with N = Σ_r B_r, rank order, this rank's rows differentiable
+    tensors: tuple[Tensor, ...]
+    #: index of this rank's first row in the gathered tensors
+    offset: int
+    #: rows this rank contributed (B_r)
+    local: int
+    #: number of processes (1 without a process group)
+    world_size: int
+
+    def labels(self, device: torch.device | str | None = None) -> Tensor:
+        """Positions of this rank's rows in the gathered batch: the InfoNCE targets of its rows."""
+        return torch.arange(self.offset, self.offset + self.local, device=device)
+
+    @property
+    def weight(self) -> float:
+        """Factor for this rank's mean loss so that DDP's gradient average equals the global mean."""
+        total = self.tensors[0].shape[0]
+        return self.world_size * self.local / total if total else 0.0
+
+
+def clip_loss(image: Tensor, text: Tensor, scale: Tensor | float, gather_negatives: bool = True) -> Tensor:
+    """Symmetric InfoNCE of L2-normalised ``image``/``text`` features [B, D] with logit scale ``scale``.
+
+    With ``gather_negatives`` and more than one process, every rank's pairs are negatives (see the
+    module docstring); the mean of the returned per-rank values is then the loss of the global batch.
+    Without a process group the two settings are the same computation.
+    """
+    gathered = gather_for_contrastive(image, text) if gather_negatives else None
+    if gathered is None or gathered.world_size == 1:
+        logits = scale * image @ text.T
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    all_image, all_text = gathered.tensors
+    labels = gathered.labels(image.device)
+    per_rank = F.cross_entropy(scale * image @ all_text.T, labels) + F.cross_entropy(
+        scale * text @ all_image.T, labels
+    )
+    return gathered.weight * per_rank / 2
+
+
+def gather_for_contrastive(*tensors: Tensor) -> ContrastiveGather:
+    """All-gather ``tensors`` (each [B_r, ...], same B_r for all of them) from every rank, with gradients.
+
+    Ranks may hold different B_r: rows are padded for the collective and the padding removed again.
+    Every rank must call this the same number of times (it is a collective).
+    """
+    if not tensors:
+        raise ValueError("gather_for_contrastive needs at least one tensor")
+    local = tensors[0].shape[0]
+    if any(t.shape[0] != local for t in tensors):
+        raise ValueError(f"all tensors need the same number of rows, got {[t.shape[0] for t in tensors]}")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ContrastiveGather(tuple(tensors), 0, local, 1)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensors[0].device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([local], dtype=torch.long, device=tensors[0].device))
+    sizes = [int(s) for s in sizes]
+    most = max(sizes)
+    gathered = []
+    for t in tensors:
+        padded = torch.cat([t, t.new_zeros(most - local, *t.shape[1:])]) if local < most else t
+        stacked = _AllGatherWithGrad.apply(padded)  # [W, most, ...]
+        gathered.append(torch.cat([stacked[r, : sizes[r]] for r in range(world)]))
+    return ContrastiveGather(tuple(gathered), sum(sizes[:rank]), local, world)

@@ -1,0 +1,72 @@
+"""Worker functions for tests that run on a gloo process group (spawned; imports only torch + the helper)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _load_distributed_helpers() -> ModuleType:
+    """``zscir.methods.distributed`` alone (it imports only torch): importing it as usual runs the
+    ``zscir.methods`` package, which imports Lightning and open_clip, seconds per spawned process that
+    this test does not need."""
+    path = Path(__file__).resolve().parents[2] / "src" / "zscir" / "methods" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("_zscir_distributed", path)
+    assert spec is not None, path
+    assert spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+clip_loss = _load_distributed_helpers().clip_loss
+
+CASES = {  # name: (rows per rank, gather negatives)
+    "equal": ((4, 4), True),
+    "unequal": ((3, 5), True),
+    "local_only": ((4, 4), False),
+}
+
+
+def problem(total: int) -> tuple[torch.Tensor, ...]:
+    """Inputs and parameters of a small two-tower contrastive problem (same on every process)."""
+    g = torch.Generator().manual_seed(0)
+    x_image, x_text = torch.randn(total, 6, generator=g), torch.randn(total, 6, generator=g)
+    w_image, w_text = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    return (
+        x_image,
+        x_text,
+        w_image.requires_grad_(),
+        w_text.requires_grad_(),
+        torch.tensor(2.0).requires_grad_(),
+    )
+
+
+def loss_and_grads(rows: slice, total: int, gather: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x_image, x_text, w_image, w_text, log_scale = problem(total)
+    image = F.normalize(x_image[rows] @ w_image, dim=-1)
+    text = F.normalize(x_text[rows] @ w_text, dim=-1)
+    loss = clip_loss(image, text, log_scale.exp(), gather_negatives=gather)
+    loss.backward()
+    return loss.detach(), [w_image.grad, w_text.grad, log_scale.grad]
+
+
+def gather_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Each case on this rank's rows; loss and gradients averaged over ranks as DDP and sync_dist do."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    for name, (sizes, gather) in CASES.items():
+        offset = sum(sizes[:rank])
+        loss, grads = loss_and_grads(slice(offset, offset + sizes[rank]), sum(sizes), gather)
+        for t in (loss, *grads):
+            dist.all_reduce(t)
+            t /= world
+        results[name] = {"loss": loss, "grads": grads}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()

@@ -67,7 +67,7 @@ def tiny_tokenizer() -> object:
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file = Path(tmp) / "vocab.txt"
-        vocab_file.write_text("\n".join(tiny_vocab()) + "\n", encoding="utf-8")
+        vocab_file.write_text("\n".join(tiny_vocab()) + "\n", encoding="utf-8")  # atomic: private temp dir
         return BertTokenizer(str(vocab_file))
 
 

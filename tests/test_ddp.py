@@ -149,7 +149,8 @@ def test_ddp_evaluation_equals_one_process_with_odd_query_and_gallery_counts(tmp
     try:
         single = train(
             compose_config(
-                "train", [*common, f"paths.output_dir={tmp_path / 'one'}", f"paths.run_dir={tmp_path / 'one'}"]
+                "train",
+                [*common, f"paths.output_dir={tmp_path / 'one'}", f"paths.run_dir={tmp_path / 'one'}"],
             )
         )
     finally:

@@ -2,8 +2,8 @@
 
 Each comparison runs *ours* and the *baseline* in the same process, interleaved (o, b, o, b, ...) after a
 warm-up, and reports medians, so drift in machine load hits both sides alike. Peak memory is measured
-in a fresh subprocess per side (its own max RSS from ``wait4``), because allocator caches make
-in-process peaks meaningless.
+in a fresh subprocess per side (the kernel's peak-RSS counter, reset once the inputs are built), because
+allocator caches make in-process peaks meaningless.
 """
 
 from __future__ import annotations
@@ -38,17 +38,33 @@ def interleaved(
     return statistics.median(t_ours), statistics.median(t_base)
 
 
-def peak_rss_mib(code: str) -> float:
-    """Max resident set size (MiB) of a fresh Python process running ``code``."""
+_PEAK_PROBE = """
+import gc, re
+def _kib(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+gc.collect()
+_base = _kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM (the peak) to the current RSS
+{code}
+print("ZSCIR_PEAK_MIB", (_kib("VmHWM") - _base) / 1024)
+"""
+
+
+def peak_rss_above_setup_mib(setup: str, code: str) -> float:
+    """Peak resident memory (MiB) that ``code`` adds on top of what ``setup`` left resident, in a fresh
+    Python process. Linux: the kernel's peak counter is reset after ``setup``, so a transient peak while
+    building the inputs cannot hide the measured code's own peak."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"memory probe failed (exit {os.waitstatus_to_exitcode(status)}):\n{code}")
-    return usage.ru_maxrss / 1024  # Linux reports KiB
+    script = setup + _PEAK_PROBE.format(code=code)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("ZSCIR_PEAK_MIB"))
+    return float(line.split()[1])
 
 
 def row(ours: float, baseline: float, unit: str, higher_is_better: bool, **notes: object) -> dict:

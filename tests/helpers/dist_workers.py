@@ -24,12 +24,16 @@ def _load_distributed_helpers() -> ModuleType:
     return module
 
 
-clip_loss = _load_distributed_helpers().clip_loss
+_distributed = _load_distributed_helpers()
+clip_loss, info_nce = _distributed.clip_loss, _distributed.info_nce
 
-CASES = {  # name: (rows per rank, gather negatives)
-    "equal": ((4, 4), True),
-    "unequal": ((3, 5), True),
-    "local_only": ((4, 4), False),
+CASES = {  # name: (rows per rank, gather negatives, loss)
+    "equal": ((4, 4), True, "clip"),
+    "unequal": ((3, 5), True, "clip"),
+    "local_only": ((4, 4), False, "clip"),
+    # PLI's loss as coded: raw features, one direction (query = image + text, target = text tower here)
+    "one_direction_unnormalised": ((3, 5), True, "pli"),
+    "one_direction_local_only": ((4, 4), False, "pli"),
 }
 
 
@@ -47,11 +51,19 @@ def problem(total: int) -> tuple[torch.Tensor, ...]:
     )
 
 
-def loss_and_grads(rows: slice, total: int, gather: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def loss_and_grads(
+    rows: slice, total: int, gather: bool, loss_kind: str = "clip"
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     x_image, x_text, w_image, w_text, log_scale = problem(total)
-    image = F.normalize(x_image[rows] @ w_image, dim=-1)
-    text = F.normalize(x_text[rows] @ w_text, dim=-1)
-    loss = clip_loss(image, text, log_scale.exp(), gather_negatives=gather)
+    if loss_kind == "clip":
+        image = F.normalize(x_image[rows] @ w_image, dim=-1)
+        text = F.normalize(x_text[rows] @ w_text, dim=-1)
+        loss = clip_loss(image, text, log_scale.exp(), gather_negatives=gather)
+    else:
+        query = x_image[rows] @ w_image + x_text[rows] @ w_text
+        loss = info_nce(
+            query, x_text[rows] @ w_text, log_scale.exp(), symmetric=False, gather_negatives=gather
+        )
     loss.backward()
     return loss.detach(), [w_image.grad, w_text.grad, log_scale.grad]
 
@@ -60,9 +72,9 @@ def gather_worker(rank: int, world: int, store: str, out: str) -> None:
     """Each case on this rank's rows; loss and gradients averaged over ranks as DDP and sync_dist do."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = {}
-    for name, (sizes, gather) in CASES.items():
+    for name, (sizes, gather, loss_kind) in CASES.items():
         offset = sum(sizes[:rank])
-        loss, grads = loss_and_grads(slice(offset, offset + sizes[rank]), sum(sizes), gather)
+        loss, grads = loss_and_grads(slice(offset, offset + sizes[rank]), sum(sizes), gather, loss_kind)
         for t in (loss, *grads):
             dist.all_reduce(t)
             t /= world

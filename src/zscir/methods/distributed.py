@@ -79,17 +79,30 @@ def clip_loss(image: Tensor, text: Tensor, scale: Tensor | float, gather_negativ
     module docstring); the mean of the returned per-rank values is then the loss of the global batch.
     Without a process group the two settings are the same computation.
     """
-    gathered = gather_for_contrastive(image, text) if gather_negatives else None
+    return info_nce(image, text, scale, symmetric=True, gather_negatives=gather_negatives)
+
+
+def info_nce(
+    query: Tensor, target: Tensor, scale: Tensor | float, symmetric: bool, gather_negatives: bool = True
+) -> Tensor:
+    """Cross-entropy of ``scale · query · targetᵀ`` with each row's own target as the label (features are
+    used as given: normalise first for cosine logits); ``symmetric`` adds the target → query direction.
+
+    ``gather_negatives``: under DDP, every rank's targets (and queries) are candidates, as in one process
+    holding the global batch; the returned per-rank value is weighted so its mean over ranks is the
+    global-batch loss.
+    """
+    gathered = gather_for_contrastive(query, target) if gather_negatives else None
     if gathered is None or gathered.world_size == 1:
-        logits = scale * image @ text.T
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    all_image, all_text = gathered.tensors
-    labels = gathered.labels(image.device)
-    per_rank = F.cross_entropy(scale * image @ all_text.T, labels) + F.cross_entropy(
-        scale * text @ all_image.T, labels
-    )
-    return gathered.weight * per_rank / 2
+        all_query, all_target, weight = query, target, 1.0
+        labels = torch.arange(query.shape[0], device=query.device)
+    else:
+        (all_query, all_target), weight = gathered.tensors, gathered.weight
+        labels = gathered.labels(query.device)
+    loss = F.cross_entropy(scale * query @ all_target.T, labels)
+    if symmetric:
+        loss = (loss + F.cross_entropy(scale * target @ all_query.T, labels)) / 2
+    return weight * loss
 
 
 def gather_for_contrastive(*tensors: Tensor) -> ContrastiveGather:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from zscir.backbones import random_keep
 from zscir.methods.base import MethodConfig, OptimConfig, RetrievalMethod, lr_lambda
+from zscir.methods.distributed import info_nce
 from zscir.retrieval.search import normalize
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class PLIConfig(MethodConfig):
     learnable_temperature: bool = False
     #: also the target → query direction, averaged (the official code has only query → target)
     symmetric: bool = False
+    #: under DDP, score each query against the targets of every rank (all_gather with gradients), as the
+    #: official DataParallel code's loss saw the whole batch; False: each rank's own batch only
+    gather_negatives: bool = True
     #: official schedule: LinearLR from ``warmup_start_factor``·lr to lr over this many epochs
     #: (constant within an epoch); 0 disables it. ``optim.warmup_steps`` is a per-step warm-up on top.
     warmup_epochs: int = 5
@@ -98,11 +102,14 @@ def pli_loss(
     scale: Tensor | float = 1.0,
     normalize: str = "none",
     symmetric: bool = False,
+    gather_negatives: bool = False,
 ) -> Tensor:
     """Cross-entropy of ``scale · query · targetᵀ`` [B, B] with the diagonal as the labels.
 
     ``normalize``: ``none`` (official CLIP: raw features), ``target`` (official BLIP: only the target is
     normalised), ``both`` (cosine similarity). Computed in float32 (features may come from bf16 autocast).
+    ``gather_negatives``: under DDP, the targets of every rank are candidates (see
+    :func:`zscir.methods.distributed.info_nce`); one process computes the same either way.
     """
     if normalize not in NORMALIZE_CHOICES:
         raise ValueError(f"normalize must be one of {NORMALIZE_CHOICES}, got {normalize!r}")
@@ -111,12 +118,7 @@ def pli_loss(
         query = F.normalize(query, dim=-1)
     if normalize in ("both", "target"):
         target = F.normalize(target, dim=-1)
-    logits = scale * query @ target.T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    loss = F.cross_entropy(logits, labels)
-    if symmetric:
-        loss = (loss + F.cross_entropy(logits.T, labels)) / 2
-    return loss
+    return info_nce(query, target, scale, symmetric=symmetric, gather_negatives=gather_negatives)
 
 
 class PLI(RetrievalMethod):
@@ -185,7 +187,8 @@ class PLI(RetrievalMethod):
         text = self.encoder.encode_text(self.encoder.tokenize(batch["caption"]).to(pixels.device))
         target = self.encoder.encode_image(pixels)
         scale = self.logit_scale_value()
-        loss = pli_loss(masked + text, target, scale, self.cfg.normalize, self.cfg.symmetric)
+        c = self.cfg
+        loss = pli_loss(masked + text, target, scale, c.normalize, c.symmetric, c.gather_negatives)
         self.log("train/loss", loss, prog_bar=True)
         if self.cfg.learnable_temperature:
             self.log("train/logit_scale", scale)

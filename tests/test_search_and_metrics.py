@@ -124,6 +124,18 @@ def test_circo_recall_counts_only_the_first_ground_truth():
     assert m["map@5"] == pytest.approx(100 * (1 / 2) / 2)
 
 
+def test_duplicate_rows_are_compared_on_every_column_not_only_the_hashed_ones():
+    torch.manual_seed(0)
+    g = torch.randn(40, 256)  # 256 dims: the hash reads every 4th column
+    g[10] = g[3]
+    g[20] = g[3]
+    g[30] = g[5]
+    g[31] = g[5]
+    g[31, 1] += 1.0  # same hashed columns as row 5, a different row
+    rows, first = duplicate_rows(g)
+    assert sorted(zip(rows.tolist(), first.tolist())) == [(10, 3), (20, 3), (30, 5)]
+
+
 def test_identical_gallery_features_always_tie_exactly():
     # a plain q @ g.T rounds the same dot product differently at different rows for some shapes
     # (BLAS gemv/gemm edge kernels, e.g. 5 queries x 33 images x 64 dims on x86 MKL)

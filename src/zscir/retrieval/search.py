@@ -31,29 +31,38 @@ def chunk_rows(num_queries: int, num_gallery: int, budget: int = DEFAULT_BUDGET)
     return max(1, min(num_queries, budget // max(1, num_gallery)))
 
 
+#: columns that go into the duplicate-row hash (spread over the feature dimension)
+HASH_COLUMNS = 64
+
+
 def duplicate_rows(g: Tensor, budget: int = DEFAULT_BUDGET) -> tuple[Tensor, Tensor] | None:
     """``(rows, first)``: every row of ``g`` equal to an earlier row, and the index of that row's first
-    copy; None when all rows are distinct. Memory stays within ``budget`` elements beyond ``g``."""
+    copy; None when all rows are distinct. Memory stays within ``budget`` elements beyond ``g``.
+
+    Rows are bucketed by a hash of the bits of :data:`HASH_COLUMNS` spread-out columns (cheap next to
+    the similarity product), and only rows sharing a bucket are compared exactly, on every column.
+    """
     if g.shape[0] < 2:
         return None
-    bits = torch.arange(1, g.shape[1] + 1, device=g.device, dtype=torch.int64) * 2654435761 % (2**31 - 1)
+    cols = torch.arange(0, g.shape[1], max(1, g.shape[1] // HASH_COLUMNS), device=g.device)
+    bits = torch.arange(1, len(cols) + 1, device=g.device, dtype=torch.int64) * 2654435761 % (2**31 - 1)
     hashes = torch.empty(g.shape[0], dtype=torch.int64, device=g.device)
-    step = max(1, budget // max(1, g.shape[1]))
+    step = max(1, budget // len(cols))
     for start in range(0, g.shape[0], step):  # wrap-around int64 arithmetic: a hash, not a number
-        hashes[start : start + step] = (
-            g[start : start + step].contiguous().view(torch.int32).long() * bits
-        ).sum(1)
+        block = g[start : start + step, cols].contiguous().view(torch.int32).long()
+        hashes[start : start + step] = (block * bits).sum(1)
     _, inverse, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
     if int(counts.max()) == 1:
         return None
     rows, first = [], []
     for group in torch.nonzero(counts > 1).squeeze(1).tolist():
-        members = torch.nonzero(inverse == group).squeeze(1).tolist()  # ascending: gallery order
-        for m in members[1:]:
-            same = next((f for f in members if f < m and torch.equal(g[f], g[m])), None)
-            if same is not None:  # (a hash collision between different rows is simply not a duplicate)
-                rows.append(m)
-                first.append(same)
+        members = torch.nonzero(inverse == group).squeeze(1)  # ascending: gallery order
+        # exact comparison on every column (bits, so -0.0 != 0.0 and NaN == NaN bitwise)
+        _, same = torch.unique(g[members].contiguous().view(torch.int32), dim=0, return_inverse=True)
+        for cls in torch.unique(same).tolist():
+            copies = members[same == cls].tolist()
+            rows += copies[1:]
+            first += [copies[0]] * (len(copies) - 1)
     if not rows:
         return None
     return torch.tensor(rows, device=g.device), torch.tensor(first, device=g.device)

@@ -66,6 +66,15 @@ def test_cam_is_finite_in_unit_range_on_the_patch_grid_and_batched_equals_one_by
     assert not torch.allclose(batched[0], grad_cams(encoder, pixels[:1], targets[2:3])[0], atol=1e-3)
 
 
+def test_counterfactual_cam_explains_the_negated_target_and_differs_from_the_plain_map(encoder, pixels):
+    nouns = ["circle", "square", "dog", "tree", "circle"]
+    plain = NounCams(encoder, CamSpec(block=-2))(pixels, nouns)
+    counter = NounCams(encoder, CamSpec(block=-2, negate=True))(pixels, nouns)
+    expected = grad_cams(encoder, pixels, -prompt_features(encoder, nouns), block=-2)
+    assert torch.allclose(counter, expected, atol=1e-6)
+    assert not torch.allclose(counter, plain, atol=1e-2)
+
+
 def test_cam_equals_grad_cam_packages_own_full_graph_map(encoder, pixels, targets):
     """Our shortcuts (graph from the target block on, maps kept on the grid, our upsampling) change nothing."""
     ours = upsample_cams(grad_cams(encoder, pixels, targets), (64, 64))

@@ -51,6 +51,9 @@ class CamSpec:
             background ("opposite visualisation", CLIP Surgery, Li et al. 2023); removing what any
             "a photo" shares sharpens the map on the object. None: the plain prompt (the paper's reading).
         block: index of the vision block whose first LayerNorm is the target layer (``-1`` = last).
+        negate: explain the negated target (Selvaraju et al.'s counterfactual Grad-CAM: what lowers the
+            similarity). Where CLIP's map is inverted (the background explains the prompt), the
+            counterfactual map is the one that sits on the object.
         autocast: keep the caller's autocast (e.g. bf16) inside the CAM pass; False computes in fp32,
             so a map does not depend on the training precision.
     """
@@ -59,6 +62,7 @@ class CamSpec:
     baseline_prompt: str | None = None
     block: int = -1
     autocast: bool = False
+    negate: bool = False
 
 
 def target_layer(encoder: Encoder, block: int = -1) -> nn.Module:

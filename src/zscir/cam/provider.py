@@ -36,7 +36,8 @@ class NounCams:
         self.computed = 0  # maps computed by Grad-CAM (not read from the cache)
 
     def targets(self, nouns: Sequence[str]) -> Tensor:
-        """[N, D] target vectors: the unit prompt embedding, minus the baseline prompt's if one is set."""
+        """[N, D] target vectors: the unit prompt embedding, minus the baseline prompt's if one is set,
+        negated for the counterfactual map."""
         todo = list(dict.fromkeys(n for n in nouns if n not in self._targets))
         if todo:
             if len(self._targets) + len(todo) > self.max_memo:
@@ -44,6 +45,8 @@ class NounCams:
             feats = prompt_features(self.encoder, todo, self.spec.prompt)
             if self.spec.baseline_prompt is not None:
                 feats = feats - prompt_features(self.encoder, [self.spec.baseline_prompt])
+            if self.spec.negate:
+                feats = -feats
             self._targets.update(zip(todo, feats))
         return torch.stack([self._targets[n] for n in nouns])
 

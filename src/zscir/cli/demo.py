@@ -47,8 +47,8 @@ DEMO_RUNS: list[tuple[str, list[str]]] = [
             "method.optim.lr=1e-3",
             # the plain target lights up the background on this CLIP ("opposite visualisation"); see
             # conf/method/cam_ti.yaml
-            "method.cam_block=-2",
-            "method.cam_baseline_prompt='a photo'",
+            "method.cam_block=-3",
+            "method.cam_negate=true",
             "method.exclude_nouns=[background,side,left,right,photo,picture,image,center,centre,middle,shapes]",
             "method.cam_grid=6",  # -> runs/cam_ti/cam_grid.png: image, CAM, masked image, caption
         ],

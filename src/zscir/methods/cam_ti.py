@@ -72,6 +72,8 @@ class CamTIConfig(MethodConfig):
     cam_prompt: str = "a photo of a {noun}"
     cam_baseline_prompt: str | None = None
     cam_block: int = -1
+    #: counterfactual Grad-CAM (explain the negated similarity); see CamSpec.negate
+    cam_negate: bool = False
     cam_autocast: bool = False
     #: images per Grad-CAM backward pass: null = the whole batch at once, 1 = one image at a time
     cam_batch_size: int | None = None
@@ -152,6 +154,7 @@ class CamTI(RetrievalMethod):
             baseline_prompt=c.cam_baseline_prompt,
             block=c.cam_block,
             autocast=c.cam_autocast,
+            negate=c.cam_negate,
         )
         cache = None
         if c.cam_cache_dir:
@@ -260,9 +263,7 @@ class CamTI(RetrievalMethod):
 
         c = self.cfg
         rows = cam_grid_rows(self, batch, n)
-        title = (
-            f"CAM-TI: Grad-CAM of '{c.cam_prompt}' (block {c.cam_block}), tau {c.tau}, {c.mask_region} hidden"
-        )
+        title = f"CAM-TI: {'counterfactual ' if c.cam_negate else ''}Grad-CAM of '{c.cam_prompt}' (block {c.cam_block}), tau {c.tau}, {c.mask_region} hidden"
         save_cam_grid(rows, path, title)
         log.info("wrote the CAM grid of %d samples to %s", len(rows), path)
         return Path(path)

@@ -316,6 +316,7 @@ def test_a_query_with_nothing_visible_only_takes_part_in_the_original_loss(pixel
     terms = method.losses(_batch(pixels))
     assert terms["visible_fraction"].item() == 0.0
     assert terms["blank_fraction"].item() == pytest.approx(0.75)  # the three captions with a noun
+    assert terms["noun_fraction"].item() == pytest.approx(0.75)  # still counted as having a noun
     assert terms["query_target"].item() == 0.0
     assert terms["loss"].item() == pytest.approx(terms["original"].item())
 

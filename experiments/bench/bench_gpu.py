@@ -27,6 +27,8 @@ from zscir.methods import build_method
 
 #: dense bf16 tensor-core peak, FLOP/s, by substring of ``torch.cuda.get_device_name``
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+#: the rows :func:`run` returns and their units (``make bench`` writes them as null rows without a GPU)
+ROWS = {"gpu_pli_bf16": "samples/s", "gpu_cam_batch": "images/s", "gpu_lincir": "samples/s"}
 PAPER_LINCIR_SAMPLES_PER_S = 20_000 * 512 / (48 * 60) / 8  # ≈ 444 per GPU
 
 

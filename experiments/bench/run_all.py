@@ -35,8 +35,6 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
 GPU_BENCHES: dict[str, tuple[str, dict, dict]] = {
     "gpu": ("bench_gpu", {}, {"pli_batch": 8, "cam_batch": 8, "lincir_batch": 64, "reps": 2}),
 }
-#: the rows each GPU bench returns (written as null rows without a GPU)
-GPU_ROWS = {"gpu": {"gpu_pli_bf16": "samples/s", "gpu_cam_batch": "images/s", "gpu_lincir": "samples/s"}}
 #: target ratios from the performance issue (ours vs baseline, "times better")
 TARGETS = {
     "topk": 3.0,
@@ -60,7 +58,7 @@ def run(only: list[str] | None = None, quick: bool = False, out_dir: Path = HERE
         if only and name not in only:
             continue
         if name in GPU_BENCHES and not torch.cuda.is_available():
-            for row_name, unit in GPU_ROWS[name].items():
+            for row_name, unit in importlib.import_module(f"experiments.bench.{module}").ROWS.items():
                 results[row_name] = null_row(unit, True, "no CUDA GPU on this machine")
             continue
         print(f"[bench] {name} ...", flush=True)

@@ -23,7 +23,6 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -160,7 +159,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     if resume is None:
         previous = [p for p in (last, run_dir / "metrics.json", run_dir / "run_info.json") if p.exists()]
         previous += sorted((run_dir / "checkpoints").glob("*.ckpt")) if not previous else []
-        if previous and rank_zero_only.rank == 0:  # DDP children start after rank 0 and share the dir
+        if previous and is_global_zero():  # DDP children start after rank 0 and share the dir
             raise FileExistsError(
                 f"{run_dir} already holds a run ({previous[0].name} exists). To continue it, add "
                 f"resume=last; to start a new run, use another hydra.run.dir (or delete {run_dir})."
@@ -175,7 +174,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         raise FileNotFoundError(
             f"resume={resume!r}: no such checkpoint; pass resume=last (this run dir's last.ckpt) or a .ckpt path"
         )
-    if rank_zero_only.rank == 0:
+    if is_global_zero():
         for stale in remove_stale_temp_files(run_dir / "checkpoints"):
             log.info("removed %s, left by a write that was killed", stale)
     log.info("resuming from %s", resume)

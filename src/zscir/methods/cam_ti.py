@@ -214,6 +214,7 @@ class CamTI(RetrievalMethod):
             rows = [r for r, ok in zip(rows, has_slot) if ok]
             tokens = tokens[torch.tensor(has_slot, device=tokens.device)]
         zero = full.new_zeros((), dtype=torch.float32)
+        out["noun_fraction"] = zero + len(rows) / full.shape[0]  # before the blank queries are dropped
         if rows:
             grid = self.cams(
                 pixels[rows], [choices[i].noun for i in rows], [ids[i] for i in rows] if real_ids else None
@@ -237,7 +238,6 @@ class CamTI(RetrievalMethod):
             out["query_target"] = zero
         out.setdefault("visible_fraction", zero)
         out.setdefault("blank_fraction", zero)
-        out["noun_fraction"] = zero + len(rows) / full.shape[0]
         out["loss"] = c.lam * out["query_target"] + out["original"]
         return out
 

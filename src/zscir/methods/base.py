@@ -10,15 +10,17 @@ logging ``val/<benchmark>/<metric>`` — lives here, so no method re-implements 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import MISSING, OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -28,7 +30,7 @@ from zscir.data.eval_data import GalleryDataset, QueryDataset, collate_queries
 from zscir.data.samplers import BatchShardSampler, batch_shard
 from zscir.metrics.modules import BenchmarkMetric
 from zscir.retrieval.cache import GalleryCache, cache_key
-from zscir.retrieval.search import normalize
+from zscir.retrieval.search import LIKELY_CAUSE, NonFiniteFeatures, normalize
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,46 @@ def parse_config(schema: type, config: dict | Any) -> Any:
         OmegaConf.create(dict(config)) if not OmegaConf.is_config(config) else config,
     )
     return OmegaConf.to_object(merged)
+
+
+def nonfinite_cause(module: nn.Module, precision: str | None) -> str:
+    """The likely cause of NaN/inf features from ``module``, for :class:`NonFiniteFeatures`: weights
+    holding NaN/inf (a broken checkpoint or weights file), else a reduced ``precision`` (fp16/bf16
+    overflow; ``None`` = unknown), else the method's own computation or its inputs."""
+    bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    # buffers may hold -inf by design (attention masks): only NaN marks them broken
+    bad += [name for name, b in module.named_buffers() if b.is_floating_point() and bool(b.isnan().any())]
+    if bad:
+        return (
+            f"likely cause: the checkpoint (broken weights: {len(bad)} weight tensor(s) hold NaN/inf, e.g. "
+            f"{bad[:3]}); load a checkpoint or backbone weights file with finite weights"
+        )
+    if precision is None:
+        return LIKELY_CAUSE
+    if "16" in precision:
+        return (
+            f"likely cause: precision (fp16/bf16 overflow under trainer.precision={precision}; the weights "
+            "are finite); evaluate with trainer.precision=32-true"
+        )
+    return (
+        f"not the usual causes (the weights are finite, trainer.precision={precision} is no fp16/bf16): "
+        "the method's compose / encode_gallery or its inputs produced them"
+    )
+
+
+def explains_nonfinite(step: Callable) -> Callable:
+    """Decorate an evaluation step of a :class:`RetrievalMethod`: a :class:`NonFiniteFeatures` raised
+    inside gets the cause :func:`nonfinite_cause` finds in this method's weights and precision."""
+
+    @functools.wraps(step)
+    def wrapper(self: RetrievalMethod, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return step(self, *args, **kwargs)
+        except NonFiniteFeatures as err:
+            precision = str(self.trainer.precision) if self._trainer is not None else None
+            raise err.with_cause(nonfinite_cause(self, precision)) from err
+
+    return wrapper
 
 
 class RetrievalMethod(L.LightningModule):
@@ -266,6 +308,7 @@ class RetrievalMethod(L.LightningModule):
         out[index] = feats
         return out
 
+    @explains_nonfinite
     def _prepare_galleries(self) -> None:
         for benchmark, metric in zip(self.benchmarks, self._metrics):
             metric.to(self.device)
@@ -280,11 +323,12 @@ class RetrievalMethod(L.LightningModule):
                 feats = None
             if feats is None:
                 feats = self._encode_gallery_sharded(benchmark)
+                metric.set_gallery(feats.to(self.device))  # refuses NaN/inf before they can be cached
                 if key and self.global_rank == 0:
                     self.gallery_cache.save(key, ids, feats)
             else:
                 log.info("gallery features of %s loaded from the cache", benchmark.name)
-            metric.set_gallery(feats.to(self.device))
+                metric.set_gallery(feats.to(self.device))
 
     def _query_step(self, batch: dict, dataloader_idx: int) -> None:
         n_variants = len(batch["texts"])
@@ -293,6 +337,7 @@ class RetrievalMethod(L.LightningModule):
             feats = feats + normalize(self.compose({"pixels": batch["pixels"], "texts": texts}))
         self._metrics[dataloader_idx].update("query", batch["index"], normalize(feats / n_variants))
 
+    @explains_nonfinite  # a refused compute leaves no metrics and no features: nothing can be written
     def _finish_eval(self, stage: str) -> None:
         self.eval_results = {}
         for benchmark, metric in zip(self.benchmarks, self._metrics):

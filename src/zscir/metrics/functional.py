@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from zscir.retrieval.search import normalize, target_ranks, topk_search
+from zscir.retrieval.search import check_finite, normalize, target_ranks, topk_search
 
 
 def recall_from_ranks(ranks: Tensor, ks: Sequence[int], prefix: str = "recall") -> dict[str, float]:
@@ -139,6 +139,9 @@ def genecis_recall(
         query_feats: [Q, D]; candidate_feats: [Q, C, D], index 0 = the target.
         valid: optional [Q, C] bool; False marks padding in rows with fewer candidates.
 
+    Raises:
+        NonFiniteFeatures: a query, or a (non-padding) candidate of a query, holds NaN/inf.
+
     Example:
         >>> q = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
         >>> c = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]],   # target tied with candidate 1
@@ -146,6 +149,9 @@ def genecis_recall(
         >>> genecis_recall(q, c)
         {'recall@1': 50.0, 'recall@2': 50.0, 'recall@3': 100.0}
     """
+    check_finite(query_feats, "query")
+    real = candidate_feats if valid is None else candidate_feats.masked_fill(~valid[..., None].bool(), 0)
+    check_finite(real, "queries' candidate")  # per query: padding (valid False) is never ranked
     ranks = []
     for start in range(0, query_feats.shape[0], 4096):  # bounded memory; C is small (15 in GeneCIS)
         q = normalize(query_feats[start : start + 4096])

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from zscir.data.benchmarks.base import Benchmark
+from zscir.retrieval.search import check_finite
 
 
 def dedupe_by_index(index: Tensor, feats: Tensor, size: int) -> Tensor | None:
@@ -34,6 +35,10 @@ class BenchmarkMetric(Metric):
 
     ``update("gallery" | "query", positions, feats)``; a gallery encoded outside the loop (feature
     cache, frozen image tower) is set with :meth:`set_gallery` on every rank instead.
+
+    Every feature on its way to :meth:`Benchmark.score` passes :meth:`set_gallery` or :meth:`compute`,
+    which refuse NaN/inf (:class:`~zscir.retrieval.search.NonFiniteFeatures`, naming the ids), so neither
+    metrics nor :attr:`features` (hence no ``features.npz``, submission or retrieval grid) come from them.
     """
 
     full_state_update = False
@@ -54,6 +59,7 @@ class BenchmarkMetric(Metric):
             raise ValueError(
                 f"{self.benchmark.name}: gallery features have {feats.shape[0]} rows, gallery has {len(self.benchmark.gallery)}"
             )
+        self._check_finite("gallery", feats)
         self.fixed_gallery = feats.float()
 
     def update(self, kind: str, index: Tensor, feats: Tensor) -> None:
@@ -71,16 +77,23 @@ class BenchmarkMetric(Metric):
         size = len(self.benchmark.gallery if kind == "gallery" else self.benchmark.queries)
         return dedupe_by_index(dim_zero_cat(index), dim_zero_cat(feats), size)
 
+    def _check_finite(self, kind: str, feats: Tensor) -> None:
+        items = self.benchmark.gallery if kind == "gallery" else self.benchmark.queries
+        ids = [r.image_id for r in items] if kind == "gallery" else [q.query_id for q in items]
+        check_finite(feats, f"{self.benchmark.name} {kind}", ids)
+
     def compute(self) -> dict[str, float]:
         queries, gallery = self.gathered("query"), self.gathered("gallery")
+        self.features = None
         if queries is None or gallery is None:
             warnings.warn(
                 f"{self.benchmark.name}: evaluation saw only part of the queries or gallery "
                 "(limit_*_batches or fast_dev_run?); no metrics computed",
                 stacklevel=2,
             )
-            self.features = None
             return {}
+        self._check_finite("query", queries)
+        self._check_finite("gallery", gallery)
         self.features = (queries.cpu(), gallery.to(queries.device).cpu())
         if not self.benchmark.labelled:
             return {}

@@ -3,7 +3,8 @@
 Keyed by everything that determines the features: the backbone's weights fingerprint, the method's
 gallery encoder, the benchmark (kind, root, split, gallery ids) and the image transform. A second
 evaluation of an unchanged gallery loads its features instead of re-encoding. Entries are written
-atomically; an entry that fails to load or does not match its key is deleted and recomputed.
+atomically; an entry that fails to load, does not match its key or holds NaN/inf is deleted and
+recomputed. Non-finite features are never saved (:func:`~zscir.retrieval.search.check_finite`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from zscir.retrieval.search import check_finite
 from zscir.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class GalleryCache:
             feats, ids = entry["feats"], entry["ids"]
             if list(ids) != list(gallery_ids) or feats.shape[0] != len(gallery_ids):
                 raise ValueError("gallery ids differ from the benchmark's")
+            check_finite(feats, "cached gallery", list(ids))
         except Exception as err:  # a truncated or foreign file is never trusted
             log.warning(
                 "gallery cache entry %s is unusable (%s: %s); re-encoding", path, type(err).__name__, err
@@ -51,5 +54,11 @@ class GalleryCache:
         return feats
 
     def save(self, key: str, gallery_ids: list[str], feats: Tensor) -> Path:
+        """Write the entry ``key``: ``feats`` [N, D] of ``gallery_ids`` (N).
+
+        Raises:
+            NonFiniteFeatures: a row holds NaN/inf; nothing is written.
+        """
+        check_finite(feats, "gallery", gallery_ids)
         entry = {"feats": feats.detach().float().cpu().contiguous(), "ids": list(gallery_ids)}
         return atomic_write(self.path(key), lambda f: torch.save(entry, f))

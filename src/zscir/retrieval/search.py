@@ -8,18 +8,81 @@ Identical gallery features always score identically: a BLAS matrix product may r
 product differently depending on a row's position, which would turn an exact tie (the same image
 twice in a gallery) into an arbitrary order. Duplicate gallery rows are therefore found once (a row
 hash, then an exact comparison) and given the score of their first copy.
+
+Non-finite features are refused (:func:`check_finite`) wherever features enter a ranking or a store:
+NaN compares false with everything, so a NaN query ranks its target first (100 % recall) and a NaN
+gallery row is first in every list.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 #: similarity elements computed at once (float32): 2**25 ≈ 128 MiB per chunk
 DEFAULT_BUDGET = 2**25
+
+
+#: the usual reasons a backbone yields NaN/inf features, named by :func:`check_finite` unless the caller
+#: knows better (the evaluation loop tells the two apart from the weights and ``trainer.precision``)
+LIKELY_CAUSE = (
+    "likely cause: precision (fp16/bf16 overflow in the backbone; evaluate with trainer.precision=32-true) "
+    "or the checkpoint (broken weights holding NaN/inf; check the checkpoint or backbone weights file)"
+)
+#: ids named in a :class:`NonFiniteFeatures` message
+SHOWN_IDS = 5
+
+
+class NonFiniteFeatures(ValueError):
+    """Features hold NaN or ±inf, so any ranking, score or stored copy of them would be meaningless.
+
+    Attributes:
+        problem: what is wrong (how many rows, which ids), without the cause.
+        cause: the likely cause and what to do.
+    """
+
+    def __init__(self, problem: str, cause: str = LIKELY_CAUSE):
+        super().__init__(f"{problem}; {cause}")
+        self.problem, self.cause = problem, cause
+
+    def __reduce__(self) -> tuple:  # rebuilt from both parts when it crosses processes (ddp_spawn)
+        return NonFiniteFeatures, (self.problem, self.cause)
+
+    def with_cause(self, cause: str) -> NonFiniteFeatures:
+        """The same error with a more specific ``cause``."""
+        return NonFiniteFeatures(self.problem, cause)
+
+
+def check_finite(
+    feats: Tensor | np.ndarray, what: str, ids: Sequence[str] | None = None, cause: str = LIKELY_CAUSE
+) -> None:
+    """Refuse features holding NaN/inf before they are ranked, scored or stored.
+
+    Args:
+        feats: [N, ...] features (tensor or array); row i is bad when any of its values is NaN or ±inf.
+        what: what the rows are, for the message (e.g. ``"cirr query"``).
+        ids: the N row ids; without them the message names row positions.
+        cause: the likely cause and fix, appended to the message.
+
+    Raises:
+        NonFiniteFeatures: naming how many rows are bad, the ids of the first :data:`SHOWN_IDS`, and ``cause``.
+    """
+    t = torch.as_tensor(feats)
+    if t.numel() == 0 or bool(torch.isfinite(t).all()):
+        return
+    bad = torch.nonzero(~torch.isfinite(t).reshape(t.shape[0], -1).all(1)).squeeze(1).tolist()
+    shown = [str(ids[i]) for i in bad[:SHOWN_IDS]] if ids is not None else bad[:SHOWN_IDS]
+    more = f" and {len(bad) - SHOWN_IDS} more" if len(bad) > SHOWN_IDS else ""
+    raise NonFiniteFeatures(
+        f"{len(bad)} of {t.shape[0]} {what} feature rows hold NaN/inf ({'ids' if ids is not None else 'rows'} "
+        f"{shown}{more}); refusing to rank, score or store them (NaN compares false with everything: a NaN "
+        "query puts its target first, a NaN gallery row tops every list)",
+        cause,
+    )
 
 
 def normalize(x: Tensor) -> Tensor:
@@ -72,7 +135,13 @@ def similarity_chunks(
     query_feats: Tensor, gallery_feats: Tensor, budget: int = DEFAULT_BUDGET, normalized: bool = False
 ) -> Iterator[tuple[int, int, Tensor]]:
     """Yield ``(start, stop, scores[stop - start, N])`` cosine similarities, a few query rows at a time;
-    identical gallery rows get bitwise identical scores."""
+    identical gallery rows get bitwise identical scores.
+
+    Raises:
+        NonFiniteFeatures: a query or gallery row holds NaN/inf (every ranking passes here).
+    """
+    check_finite(query_feats, "query")
+    check_finite(gallery_feats, "gallery")
     q = query_feats if normalized else normalize(query_feats)
     g = gallery_feats if normalized else normalize(gallery_feats)
     duplicates = duplicate_rows(g, budget)

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
 
 from zscir.data.benchmarks.base import Benchmark, ImageRef, Query
-from zscir.retrieval.search import normalize
+from zscir.retrieval.search import check_finite, normalize
 from zscir.utils.io import atomic_write
 
 #: layout of a grid, in pixels (public so callers can predict a grid's size)
@@ -58,9 +58,15 @@ def pick_queries(num_queries: int, n: int) -> list[int]:
 def retrieve(
     benchmark: Benchmark, query_feats: Tensor, gallery_feats: Tensor, indices: list[int], k: int = 5
 ) -> list[Retrieved]:
-    """Top-``k`` gallery images of the queries at ``indices`` (features aligned with the benchmark)."""
+    """Top-``k`` gallery images of the queries at ``indices`` (features aligned with the benchmark).
+
+    Raises:
+        NonFiniteFeatures: a query or gallery row holds NaN/inf (its ranking would be meaningless).
+    """
     if not indices:
         return []
+    check_finite(query_feats, f"{benchmark.name} query", [q.query_id for q in benchmark.queries])
+    check_finite(gallery_feats, f"{benchmark.name} gallery", [g.image_id for g in benchmark.gallery])
     index = benchmark.gallery_index()
     q = normalize(query_feats[indices])
     g = normalize(gallery_feats)

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from zscir.retrieval.search import check_finite
+
 
 class DatasetLayoutError(FileNotFoundError):
     """A benchmark root does not hold the files the official layout prescribes."""
@@ -189,8 +191,7 @@ def align_by_ids(
         raise ValueError(
             f"{name}: {feat_key} has shape {feats.shape}, expected [{len(ids)}, D] to match {id_key}"
         )
-    if not np.isfinite(feats).all():
-        raise ValueError(f"{name}: {feat_key} holds {int((~np.isfinite(feats)).sum())} NaN/inf values")
+    check_finite(feats, f"{name} {kind}", ids)
     position: dict[str, int] = {}
     duplicates = []
     for i, x in enumerate(ids):

@@ -43,6 +43,7 @@ from zscir.data.benchmarks.base import (
     require_keys,
 )
 from zscir.metrics.functional import genecis_recall
+from zscir.retrieval.search import check_finite
 
 OBTAIN = (
     "GeneCIS templates: https://github.com/facebookresearch/genecis (genecis/*.json); images: Visual Genome 1.2 "
@@ -222,6 +223,9 @@ class GeneCIS(Benchmark):
             valid[i, :c] = True
             if given is not None:
                 self._check_candidates(q, ids_from_array(given[i])[:c])
+        check_finite(queries, f"{self.name} query", [q.query_id for q in self.queries])
+        names = [f"{q.query_id}/{c}" for q in self.queries for c in q.candidate_ids]  # template/candidate
+        check_finite(cands[valid], f"{self.name} candidate", names)
         return genecis_recall(
             torch.from_numpy(queries).float(), torch.from_numpy(cands).float(), torch.from_numpy(valid)
         )

@@ -151,7 +151,7 @@ def genecis_recall(
     """
     check_finite(query_feats, "query")
     real = candidate_feats if valid is None else candidate_feats.masked_fill(~valid[..., None].bool(), 0)
-    check_finite(real, "queries' candidate")  # per query: padding (valid False) is never ranked
+    check_finite(real, "candidate-set")  # row = a query's candidates; padding is never ranked
     ranks = []
     for start in range(0, query_feats.shape[0], 4096):  # bounded memory; C is small (15 in GeneCIS)
         q = normalize(query_feats[start : start + 4096])

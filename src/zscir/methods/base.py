@@ -31,6 +31,7 @@ from zscir.data.samplers import BatchShardSampler, batch_shard
 from zscir.metrics.modules import BenchmarkMetric
 from zscir.retrieval.cache import GalleryCache, cache_key
 from zscir.retrieval.search import LIKELY_CAUSE, NonFiniteFeatures, normalize
+from zscir.text.placeholder import MissingPlaceholders
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,13 @@ class RetrievalMethod(L.LightningModule):
         self._metrics: list[BenchmarkMetric] = []
         #: {benchmark name: {"metrics": ..., "features": (query, gallery)}} after each evaluation
         self.eval_results: dict[str, dict] = {}
+        #: composed prompts that lost their pseudo-word, reported once per evaluation
+        self.missing_placeholders = MissingPlaceholders()
 
     # ---- the retrieval contract ---------------------------------------------------------------
     def compose(self, batch: dict) -> Tensor:
-        """Query features [B, D] from ``batch["pixels"]`` (reference images) and ``batch["texts"]``."""
+        """Query features [B, D] from ``batch["pixels"]`` (reference images) and ``batch["texts"]``
+        (``batch["query_ids"]``, when present, names the rows for diagnostics)."""
         raise NotImplementedError
 
     def encode_gallery(self, pixels: Tensor) -> Tensor:
@@ -332,13 +336,18 @@ class RetrievalMethod(L.LightningModule):
 
     def _query_step(self, batch: dict, dataloader_idx: int) -> None:
         n_variants = len(batch["texts"])
+        benchmark = self.benchmarks[dataloader_idx]
+        query_ids = [f"{benchmark.name}:{benchmark.queries[i].query_id}" for i in batch["index"].tolist()]
         feats = 0
         for texts in batch["texts"]:  # caption variants: average of normalised features (FashionIQ)
-            feats = feats + normalize(self.compose({"pixels": batch["pixels"], "texts": texts}))
+            query = {"pixels": batch["pixels"], "texts": texts, "query_ids": query_ids}
+            feats = feats + normalize(self.compose(query))
         self._metrics[dataloader_idx].update("query", batch["index"], normalize(feats / n_variants))
 
     @explains_nonfinite  # a refused compute leaves no metrics and no features: nothing can be written
     def _finish_eval(self, stage: str) -> None:
+        if warning := self.missing_placeholders.report():
+            log.warning("%s (%s, this process)", warning, stage)
         self.eval_results = {}
         for benchmark, metric in zip(self.benchmarks, self._metrics):
             values = metric.compute()

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from zscir.methods.base import MethodConfig, RetrievalMethod
 from zscir.retrieval.search import normalize
+from zscir.text.placeholder import fit_prompts
 
 
 class ImageOnly(RetrievalMethod):
@@ -19,7 +20,7 @@ class ImageOnly(RetrievalMethod):
 
 @dataclass
 class TextOnlyConfig(MethodConfig):
-    #: prompt around the caption; ``{caption}`` is replaced
+    #: prompt around the caption; ``{caption}`` is replaced (and shortened if the prompt is too long)
     template: str = "{caption}"
 
 
@@ -29,8 +30,8 @@ class TextOnly(RetrievalMethod):
     Config = TextOnlyConfig
 
     def compose(self, batch: dict) -> Tensor:
-        texts = [self.cfg.template.format(caption=t) for t in batch["texts"]]
-        return self.encoder.encode_text(self.encoder.tokenize(texts))
+        _, ids = fit_prompts(self.encoder.tokenize, self.cfg.template, batch["texts"])
+        return self.encoder.encode_text(ids)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Sum(RetrievalMethod):
     Config = SumConfig
 
     def compose(self, batch: dict) -> Tensor:
-        texts = [self.cfg.template.format(caption=t) for t in batch["texts"]]
-        text = normalize(self.encoder.encode_text(self.encoder.tokenize(texts)))
+        _, ids = fit_prompts(self.encoder.tokenize, self.cfg.template, batch["texts"])
+        text = normalize(self.encoder.encode_text(ids))
         image = normalize(self.encoder.encode_image(batch["pixels"]))
         return text + self.cfg.img_weight * image

@@ -12,8 +12,10 @@ ordinary image–caption pairs turned into composed-retrieval-like queries:
 4. query-target loss: in-batch contrastive loss between composed queries and the *full* images'
    features; original loss: the textual-inversion loss between "a photo of $" with ``$`` ← φ(full
    image) and the full images (Pic2Word's loss);
-   total = λ · query-target + original. A caption without a noun (or whose ``$`` the tokenizer
-   truncated away) takes part in the original loss only.
+   total = λ · query-target + original. A caption without a noun, whose ``$`` lies beyond the text
+   context, or whose masked image shows nothing takes part in the original loss only; each reason is
+   logged as a share of the batch (``noun_fraction``, ``truncated_fraction``, ``blank_fraction``) and
+   their total as ``dropped_fraction``.
 
 Inference is SEARLE/LinCIR's: "a photo of $ that {caption}" with ``$`` ← φ(reference image).
 There is no official code; every choice the paper leaves open is an option of :class:`CamTIConfig`
@@ -36,6 +38,7 @@ from zscir.cam.masks import MODES, REGIONS
 from zscir.methods.base import MethodConfig, RetrievalMethod
 from zscir.methods.inversion import DEFAULT_TEMPLATE, Phi, encode_with_template
 from zscir.text.nouns import SAMPLING, NounChoice, NounSelector
+from zscir.text.placeholder import fit_prompts, isolate, require_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +178,14 @@ class CamTI(RetrievalMethod):
 
     def compose(self, batch: dict) -> Tensor:
         pseudo = self.invert(self.encoder.encode_image(batch["pixels"]))
-        return encode_with_template(self.encoder, pseudo, batch["texts"], self.cfg.template)
+        return encode_with_template(
+            self.encoder,
+            pseudo,
+            batch["texts"],
+            self.cfg.template,
+            self.missing_placeholders,
+            batch.get("query_ids"),
+        )
 
     # ---- training -------------------------------------------------------------------------------
     def _image_ids(self, batch: dict) -> tuple[list[str], bool]:
@@ -202,19 +212,23 @@ class CamTI(RetrievalMethod):
             full = self.encoder.encode_image(pixels)
         labels = torch.arange(full.shape[0], device=full.device)
 
-        ids_orig = self.encoder.tokenize([c.original_template] * full.shape[0]).to(full.device)
+        ids_orig = self.encoder.tokenize([isolate(c.original_template)] * full.shape[0]).to(full.device)
         original = self.encoder.encode_text_with_pseudo(ids_orig, self.invert(full))
         out = {"original": contrastive_loss(original, full, labels, c.temperature, c.symmetric)}
 
+        # every row that does not reach the query-target loss is counted, by reason, as a share of the batch
+        zero, size = full.new_zeros((), dtype=torch.float32), full.shape[0]
         rows = [i for i, ch in enumerate(choices) if ch is not None]
-        texts = [c.query_template.format(caption=choices[i].masked_caption) for i in rows]
-        tokens = self.encoder.tokenize(texts).to(full.device) if rows else None
-        if rows:  # a "$" cut off by the context length leaves nothing for the pseudo-word to fill
-            has_slot = (tokens == self.encoder.placeholder_id).any(1).tolist()
-            rows = [r for r, ok in zip(rows, has_slot) if ok]
-            tokens = tokens[torch.tensor(has_slot, device=tokens.device)]
-        zero = full.new_zeros((), dtype=torch.float32)
-        out["noun_fraction"] = zero + len(rows) / full.shape[0]  # before the blank queries are dropped
+        out["noun_fraction"] = zero + len(rows) / size  # before any row is dropped
+        out["truncated_fraction"] = zero
+        if rows:  # a "$" beyond the context length leaves nothing for the pseudo-word to fill
+            texts, tokens = fit_prompts(
+                self.encoder.tokenize, c.query_template, [choices[i].masked_caption for i in rows]
+            )
+            has_slot = require_placeholders(self.encoder.tokenize, texts, tokens, self.encoder.placeholder_id)
+            out["truncated_fraction"] = zero + (~has_slot).sum().item() / size
+            rows = [r for r, ok in zip(rows, has_slot.tolist()) if ok]
+            tokens = tokens[has_slot].to(full.device)
         if rows:
             grid = self.cams(
                 pixels[rows], [choices[i].noun for i in rows], [ids[i] for i in rows] if real_ids else None
@@ -227,7 +241,7 @@ class CamTI(RetrievalMethod):
             # a flat CAM (no evidence for the noun) hides the whole image under mask_region=background: such
             # a query has nothing for phi to read, so it only takes part in the original loss
             seen = kept > 0
-            out["blank_fraction"] = zero + (~seen).float().sum() / full.shape[0]
+            out["blank_fraction"] = zero + (~seen).float().sum() / size
             rows = [r for r, ok in zip(rows, seen.tolist()) if ok]
             tokens, masked = tokens[seen], masked[seen]
         if rows:
@@ -238,6 +252,7 @@ class CamTI(RetrievalMethod):
             out["query_target"] = zero
         out.setdefault("visible_fraction", zero)
         out.setdefault("blank_fraction", zero)
+        out["dropped_fraction"] = zero + 1.0 - len(rows) / size  # no noun, truncated or blank
         out["loss"] = c.lam * out["query_target"] + out["original"]
         return out
 
@@ -245,7 +260,15 @@ class CamTI(RetrievalMethod):
         terms = self.losses(batch)
         size = batch["pixels"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=size)
-        for name in ("query_target", "original", "noun_fraction", "visible_fraction", "blank_fraction"):
+        for name in (
+            "query_target",
+            "original",
+            "noun_fraction",
+            "visible_fraction",
+            "blank_fraction",
+            "truncated_fraction",
+            "dropped_fraction",
+        ):
             self.log(f"train/{name}", terms[name], batch_size=size)
         cache = self.cams.cache
         if cache is not None and cache.hits + cache.misses:

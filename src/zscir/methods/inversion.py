@@ -4,11 +4,16 @@ feature to a pseudo-word token, and the composed query "a photo of $ that {capti
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from zscir.backbones import Encoder
+from zscir.backbones.base import PLACEHOLDER
+from zscir.text.placeholder import MissingPlaceholders, fit_prompts
+
+log = logging.getLogger(__name__)
 
 #: the prompt SEARLE and LinCIR use at inference; ``$`` is the pseudo-word, ``{caption}`` the modification text
 DEFAULT_TEMPLATE = "a photo of $ that {caption}"
@@ -39,15 +44,33 @@ class Phi(nn.Module):
 
 
 def encode_with_template(
-    encoder: Encoder, pseudo: Tensor, captions: Sequence[str], template: str = DEFAULT_TEMPLATE
+    encoder: Encoder,
+    pseudo: Tensor,
+    captions: Sequence[str],
+    template: str = DEFAULT_TEMPLATE,
+    missing: MissingPlaceholders | None = None,
+    query_ids: Sequence | None = None,
 ) -> Tensor:
     """Text features of ``template`` filled with each caption, ``$`` replaced by that row's pseudo-token.
 
+    Prompts are built by :func:`zscir.text.placeholder.fit_prompts`: a caption too long for the context
+    is shortened so that the template (and its ``$``) survives.
+
     Args:
         pseudo: [B, token_dim], one pseudo-token per caption.
+        missing: counts prompts that still hold no pseudo-word (reported once per evaluation by the
+            method); None: such prompts are logged at once.
+        query_ids: names of the rows, for that report.
+
+    Raises:
+        ValueError: if the template has no ``$`` or alone is longer than the context.
     """
-    if "$" not in template:
+    if PLACEHOLDER not in template:
         raise ValueError(f"template {template!r} has no '$' placeholder")
-    texts = [template.format(caption=c) for c in captions]
-    ids = encoder.tokenize(texts).to(pseudo.device)
+    _, ids = fit_prompts(encoder.tokenize, template, captions)
+    ids = ids.to(pseudo.device)
+    counter = missing if missing is not None else MissingPlaceholders()
+    counter.add(ids, encoder.placeholder_id, query_ids)
+    if missing is None and (text := counter.report()):
+        log.warning(text)
     return encoder.encode_text_with_pseudo(ids, pseudo)

@@ -143,4 +143,11 @@ class LinCIR(RetrievalMethod):
 
     def compose(self, batch: dict) -> Tensor:
         pseudo = self.pseudo_tokens(batch["pixels"])
-        return encode_with_template(self.encoder, pseudo, batch["texts"], self.cfg.template)
+        return encode_with_template(
+            self.encoder,
+            pseudo,
+            batch["texts"],
+            self.cfg.template,
+            self.missing_placeholders,
+            batch.get("query_ids"),
+        )

@@ -11,8 +11,9 @@ Transcribed from the official loader (navervision/lincir ``loader.py``, see
   as coded (so a lone "the" also hits "there"), or only where it stands as whole words
   (``whole_word=True``). If a keyword is empty or not found in the caption, one random word is replaced
   instead and the remaining keywords are skipped (the official fallback).
-* :func:`placeholder_ids`: tokenisation that keeps every ``$`` a token of its own; a masked caption whose
-  ``$`` fell off the end of the context becomes the fallback prompt ``"a photo of $"``.
+* :func:`placeholder_ids`: tokenisation that keeps every ``$`` a token of its own (through
+  :mod:`zscir.text.placeholder`); a masked caption whose ``$`` fell off the end of the context becomes
+  the fallback prompt ``"a photo of $"``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from torch import Tensor
 
 from zscir.backbones.base import PLACEHOLDER
+from zscir.text.placeholder import isolate, require_placeholders
 
 #: the parts of speech whose runs LinCIR masks (``extract_keywords_spacy`` in the official loader)
 KEYWORD_POS = ("NOUN", "PROPN", "ADJ", "DET")
@@ -137,12 +139,6 @@ def mask_keywords(
     return masked
 
 
-def spaced_placeholders(text: str) -> str:
-    """``$`` surrounded by spaces, so the CLIP BPE keeps it one token (id 259) next to letters or
-    punctuation ("$." alone would be a different token), as the official added special token ``[$]`` is."""
-    return text.replace(PLACEHOLDER, f" {PLACEHOLDER} ")
-
-
 def placeholder_ids(
     tokenize: Callable[[Sequence[str]], Tensor],
     masked: Sequence[str],
@@ -152,12 +148,20 @@ def placeholder_ids(
     """Token ids of the masked captions, with rows that lost every ``$`` to truncation replaced by the
     tokens of ``fallback``.
 
+    Every ``$`` is first isolated (:func:`zscir.text.placeholder.isolate`), so the CLIP BPE keeps it one
+    token (id 259) next to punctuation ("$." alone would be another token), as the official added
+    special token ``[$]`` is.
+
     Returns:
         ids [B, T] and ``fell_back`` [B] (bool; the official code logs its complement as the
         "preproc rate").
+
+    Raises:
+        ValueError: if a masked caption that fits the context tokenises without the placeholder.
     """
-    ids = tokenize([spaced_placeholders(t) for t in masked])
-    fell_back = ~(ids == placeholder_id).any(dim=1)
+    texts = [isolate(t) for t in masked]
+    ids = tokenize(texts)
+    fell_back = ~require_placeholders(tokenize, texts, ids, placeholder_id)
     if fell_back.any():
-        ids[fell_back] = tokenize([spaced_placeholders(fallback)])[0]
+        ids[fell_back] = tokenize([isolate(fallback)])[0]
     return ids, fell_back

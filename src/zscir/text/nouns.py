@@ -23,8 +23,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from zscir.backbones.base import PLACEHOLDER
 from zscir.text.nlp import load_spacy
+from zscir.text.placeholder import put_placeholder
 
 SAMPLING = ("fixed", "random")
 
@@ -74,19 +74,12 @@ def find_nouns(
     return out
 
 
-def mask_noun(
-    caption: str,
-    nouns: Sequence[NounSpan],
-    chosen: int,
-    placeholder: str = PLACEHOLDER,
-    all_occurrences: bool = False,
-) -> str:
-    """``caption`` with ``nouns[chosen]`` (and, with ``all_occurrences``, every same-word noun) replaced."""
+def mask_noun(caption: str, nouns: Sequence[NounSpan], chosen: int, all_occurrences: bool = False) -> str:
+    """``caption`` with ``nouns[chosen]`` (and, with ``all_occurrences``, every same-word noun) replaced
+    by the pseudo-word, kept a token of its own next to punctuation ("a $ ." for "a horse.")."""
     word = nouns[chosen].text.lower()
     spans = [s for s in nouns if s.text.lower() == word] if all_occurrences else [nouns[chosen]]
-    for span in sorted(spans, key=lambda s: s.start, reverse=True):
-        caption = caption[: span.start] + placeholder + caption[span.end :]
-    return caption
+    return put_placeholder(caption, [(s.start, s.end) for s in spans])
 
 
 def stable_index(n: int, key: str, seed: int) -> int:

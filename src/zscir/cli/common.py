@@ -134,8 +134,9 @@ class BackboneConfig:
     cache_dir: str | None = None
     #: experiment config that produces ``checkpoint`` when it is missing (the synthetic-world CLIP)
     train_recipe: str | None = None
-    #: BLIP only: BERT tokenizer folder or cached hub name (lavis_blip), input resolution (lavis_blip),
-    #: text length, whether padding is masked out of the text attention, caption preprocessing
+    #: BLIP only (None: the kind's default): BERT tokenizer folder or cached hub name (lavis_blip), input
+    #: resolution (lavis_blip), text length, whether padding is masked out of the text attention, caption
+    #: preprocessing (none | blip_caption)
     tokenizer: str | None = None
     image_size: int | None = None
     context_length: int | None = None

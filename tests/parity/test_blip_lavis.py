@@ -525,3 +525,12 @@ def test_pli_trains_the_lavis_backbone_with_dropped_tokens():
             sum(p.grad.abs().sum().item() for p in m.encoder.tower_parameters(tower) if p.grad is not None)
             > 0
         )
+
+
+def test_a_checkpoint_with_arbitrary_objects_is_refused_with_advice(tmp_path):
+    import argparse
+
+    file = tmp_path / "ckpt.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, file)  # unpickling it could run code
+    with pytest.raises(BackboneLoadError, match="weights_only"):
+        tiny(checkpoint=str(file))

@@ -290,7 +290,6 @@ def test_train_checkpoint_evaluate_round_trip(compose, tmp_path):
     [
         ("pli_clip_b32_imagenet", "ViT-B-32"),
         ("pli_clip_l14_imagenet", "ViT-L-14"),
-        ("pli_blip_imagenet", "Salesforce/blip-itm-base-coco"),
     ],
 )
 def test_paper_experiments_with_named_weights_fail_clearly_offline(

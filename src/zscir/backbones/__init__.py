@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from zscir.backbones.base import PLACEHOLDER, Encoder, random_keep
-from zscir.backbones.errors import BackboneLoadError
+from zscir.backbones.errors import BackboneLoadError, missing_checkpoint_message
 
 __all__ = [
     "PLACEHOLDER",
@@ -38,17 +38,20 @@ def build_encoder(
     """Build an encoder from a backbone config.
 
     Args:
-        kind: ``open_clip``, ``hf_clip`` or ``hf_blip``.
-        model: architecture name (open_clip), hub name or local directory (HF), or ``tiny``.
+        kind: ``open_clip``, ``hf_clip``, ``hf_blip`` or ``lavis_blip``.
+        model: architecture name (open_clip, ``lavis_blip``: ``base``), hub name or local directory (HF),
+            or ``tiny``.
         pretrained: open_clip pretrained tag or weights file (ignored by HF kinds).
-        checkpoint: a state dict file loaded on top of the model (e.g. a zscir-trained backbone).
+        checkpoint: a state dict file loaded on top of the model (e.g. a zscir-trained backbone); for
+            ``lavis_blip``, the LAVIS weights file.
         init_seed: seed for random-init weights, so rebuilding gives identical parameters.
         cache_dir: weights cache folder.
     """
     for key in _APP_KEYS:
         extra.pop(key, None)
+    extra = {k: v for k, v in extra.items() if v is not None}  # None: the kind's default
     if checkpoint and not Path(checkpoint).expanduser().is_file():
-        raise BackboneLoadError(f"backbone checkpoint {checkpoint!r} does not exist")
+        raise BackboneLoadError(missing_checkpoint_message(kind, checkpoint))
     if kind == "open_clip":
         from zscir.backbones.open_clip_encoder import build_open_clip
 
@@ -64,13 +67,21 @@ def build_encoder(
         from zscir.backbones.hf_blip_encoder import build_hf_blip
 
         return build_hf_blip(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, **extra)
+    if kind == "lavis_blip":
+        from zscir.backbones.lavis_blip_encoder import build_lavis_blip
+
+        return build_lavis_blip(
+            model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, **extra
+        )
     if extra:
         raise TypeError(f"unexpected backbone options for kind={kind!r}: {sorted(extra)}")
     if kind == "hf_clip":
         from zscir.backbones.hf_clip_encoder import build_hf_clip
 
         return build_hf_clip(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir)
-    raise BackboneLoadError(f"unknown backbone kind {kind!r}; expected one of: open_clip, hf_clip, hf_blip")
+    raise BackboneLoadError(
+        f"unknown backbone kind {kind!r}; expected one of: open_clip, hf_clip, hf_blip, lavis_blip"
+    )
 
 
 def backbone_fingerprint(config: dict) -> str:

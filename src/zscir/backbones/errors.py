@@ -23,3 +23,12 @@ def weights_hint(library: str, model: str, pretrained: str | None, cache_dir: st
         f"Looked in the cache {where!r} (and tried the hub unless HF_HUB_OFFLINE=1). Without network access, "
         f"download it once elsewhere (huggingface-cli download {model}) and pass the local directory: backbone.model=/path/to/{model.split('/')[-1]}"
     )
+
+
+def missing_checkpoint_message(kind: str, checkpoint: str) -> str:
+    """Say that a backbone's ``checkpoint`` file is missing, and where to get it when it is a release."""
+    if kind == "lavis_blip":
+        from zscir.backbones.lavis_blip_encoder import missing_weights_message
+
+        return missing_weights_message(checkpoint)
+    return f"backbone checkpoint {checkpoint!r} does not exist"

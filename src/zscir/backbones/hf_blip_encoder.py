@@ -9,6 +9,7 @@ positional embeddings were added, as the official PLI BLIP encoder does.
 
 from __future__ import annotations
 
+import re
 import string
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ from zscir.backbones.hf_clip_encoder import CLIP_MEAN, CLIP_STD
 
 #: BLIP's own models truncate captions at 35 tokens (LAVIS ``max_txt_len``); the text tower has 512 positions
 DEFAULT_CONTEXT_LENGTH = 35
+
+#: Values of ``caption_preprocess``: what is applied to captions before tokenizing.
+CAPTION_PREPROCESSORS = ("none", "blip_caption")
 
 #: Random-init BLIP configs for tests (``transformers.BlipConfig`` kwargs; the vocabulary is generated).
 TINY_BLIP_CONFIGS: dict[str, dict] = {
@@ -71,9 +75,27 @@ def tiny_tokenizer() -> object:
         return BertTokenizer(str(vocab_file))
 
 
+def blip_caption(caption: str, max_words: int = 50) -> str:
+    """LAVIS's ``blip_caption`` text processor (``BlipCaptionProcessor.pre_caption``,
+    ``lavis/processors/blip_processors.py``): lower-case; each of ``. ! " ( ) * # : ; ~`` becomes a
+    space; runs of two or more whitespace characters become one space; trailing newlines, then
+    surrounding spaces are stripped; at most ``max_words`` space-separated words are kept."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
 class HFBLIPEncoder(Encoder):
-    """A ``transformers.BlipForImageTextRetrieval``; captions are tokenized with its BERT tokenizer,
-    padded to ``context_length`` (padding is masked out of the text attention)."""
+    """A transformers BLIP (``BlipForImageTextRetrieval``, or any module with its ``vision_model``,
+    ``text_encoder``, ``vision_proj``, ``text_proj`` and ``config``); captions are tokenized with its BERT
+    tokenizer and padded to ``context_length``.
+
+    Args:
+        text_attention_mask: mask padding out of the text attention (transformers' default); False
+            encodes the padded ids as they are, as LAVIS's BLIP does when called without a mask.
+        caption_preprocess: ``blip_caption`` (:func:`blip_caption`, applied before tokenizing) or ``none``.
+    """
 
     def __init__(
         self,
@@ -82,8 +104,16 @@ class HFBLIPEncoder(Encoder):
         image_transform: object,
         transform_id: str,
         context_length: int = DEFAULT_CONTEXT_LENGTH,
+        text_attention_mask: bool = True,
+        caption_preprocess: str = "none",
     ):
         super().__init__()
+        if caption_preprocess not in CAPTION_PREPROCESSORS:
+            raise ValueError(
+                f"caption_preprocess must be one of {CAPTION_PREPROCESSORS}, got {caption_preprocess!r}"
+            )
+        self.text_attention_mask = bool(text_attention_mask)
+        self.caption_preprocess = caption_preprocess
         self.model = model
         self._tokenizer = tokenizer
         self.image_transform = image_transform
@@ -101,8 +131,9 @@ class HFBLIPEncoder(Encoder):
             )
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
+        texts = [blip_caption(t) for t in texts] if self.caption_preprocess == "blip_caption" else list(texts)
         out = self._tokenizer(
-            list(texts),
+            texts,
             padding="max_length",
             truncation=True,
             max_length=self.context_length,
@@ -115,7 +146,8 @@ class HFBLIPEncoder(Encoder):
 
     def encode_text(self, ids: Tensor) -> Tensor:
         ids = ids.to(self._device())
-        out = self.model.text_encoder(input_ids=ids, attention_mask=(ids != self.pad_id).long())
+        mask = (ids != self.pad_id).long() if self.text_attention_mask else None
+        out = self.model.text_encoder(input_ids=ids, attention_mask=mask)
         return self.model.text_proj(out.last_hidden_state[:, 0])
 
     def encode_image(self, pixels: Tensor, keep: Tensor | None = None) -> Tensor:
@@ -167,9 +199,12 @@ def build_hf_blip(
     init_seed: int = 0,
     cache_dir: str | None = None,
     context_length: int = DEFAULT_CONTEXT_LENGTH,
+    text_attention_mask: bool = True,
+    caption_preprocess: str = "none",
 ) -> HFBLIPEncoder:
     """Build a BLIP encoder from a hub name (``Salesforce/blip-itm-base-coco``), a local directory, or a
-    registered tiny config (random init, generated vocabulary)."""
+    registered tiny config (random init, generated vocabulary). The text options are
+    :class:`HFBLIPEncoder`'s."""
     import transformers
 
     if model in TINY_BLIP_CONFIGS:
@@ -211,4 +246,12 @@ def build_hf_blip(
 
         load_state_dict_file(blip, checkpoint)
     blip.eval()
-    return HFBLIPEncoder(blip, tokenizer, transform, transform_id, context_length=context_length)
+    return HFBLIPEncoder(
+        blip,
+        tokenizer,
+        transform,
+        transform_id,
+        context_length=context_length,
+        text_attention_mask=text_attention_mask,
+        caption_preprocess=caption_preprocess,
+    )

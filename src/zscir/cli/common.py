@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zscir.backbones import BackboneLoadError
+from zscir.backbones.errors import missing_checkpoint_message
 from zscir.cli.safe_loggers import start_failsafe
 from zscir.data.benchmarks import Benchmark, build_benchmark
 from zscir.data.loaders import DataConfig
@@ -120,7 +121,9 @@ register_resolvers()
 # ---- schemas --------------------------------------------------------------------------------------
 @dataclass
 class BackboneConfig:
-    """An encoder: ``kind`` (open_clip | hf_clip | hf_blip), ``model`` (name, hub id, local dir or tiny)."""
+    """An encoder: ``kind`` (open_clip | hf_clip | hf_blip | lavis_blip), ``model`` (name, hub id, local dir
+    or tiny). The BLIP kinds also take the text and image options of ``build_hf_blip``/``build_lavis_blip``
+    (None: the kind's default)."""
 
     name: str = "???"
     kind: str = "open_clip"
@@ -131,6 +134,14 @@ class BackboneConfig:
     cache_dir: str | None = None
     #: experiment config that produces ``checkpoint`` when it is missing (the synthetic-world CLIP)
     train_recipe: str | None = None
+    #: BLIP only (None: the kind's default): BERT tokenizer folder or cached hub name (lavis_blip), input
+    #: resolution (lavis_blip), text length, whether padding is masked out of the text attention, caption
+    #: preprocessing (none | blip_caption)
+    tokenizer: str | None = None
+    image_size: int | None = None
+    context_length: int | None = None
+    text_attention_mask: bool | None = None
+    caption_preprocess: str | None = None
 
 
 @dataclass
@@ -298,7 +309,7 @@ def ensure_backbone(cfg: DictConfig) -> None:
     if not checkpoint or Path(checkpoint).is_file():
         return
     if not recipe:
-        raise BackboneLoadError(f"backbone checkpoint {checkpoint} does not exist")
+        raise BackboneLoadError(missing_checkpoint_message(cfg.backbone.kind, checkpoint))
     from zscir.cli.train import train
 
     log.info(

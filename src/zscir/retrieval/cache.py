@@ -1,8 +1,9 @@
 """On-disk gallery feature cache.
 
 Keyed by everything that determines the features: the backbone's weights fingerprint, the method's
-gallery encoder, the benchmark (kind, root, split, gallery ids) and the image transform. A second
-evaluation of an unchanged gallery loads its features instead of re-encoding. Entries are written
+gallery encoder, the benchmark (kind, root, split, gallery ids, and each image file's size, modification
+and change time: ``Benchmark.identity``) and the image transform. A second evaluation of an unchanged
+gallery loads its features instead of re-encoding; images repaired or replaced since are re-encoded. Entries are written
 atomically; an entry that fails to load or does not match its key is deleted and recomputed.
 """
 

@@ -42,6 +42,7 @@ from zscir.cli.common import (
 from zscir.cli.tracking import finish_wandb, log_wandb_summary, mark_latest_sweep
 from zscir.methods import RetrievalMethod, build_method
 from zscir.retrieval.cache import GalleryCache
+from zscir.utils.io import file_stamp
 
 log = logging.getLogger("zscir")
 
@@ -90,8 +91,7 @@ def load_checkpoint(method: RetrievalMethod, path: str | Path) -> None:
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
     method.on_load_checkpoint(checkpoint)
     method.load_state_dict(checkpoint["state_dict"])
-    stat = path.stat()
-    method.weights_tag = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    method.weights_tag = f"{path.resolve()}:{file_stamp(path)}"  # part of the gallery cache key
 
 
 def from_run_dir(cfg: DictConfig) -> None:

@@ -19,7 +19,9 @@ from zscir.backbones import backbone_fingerprint
 from zscir.cli.common import compose_config, ensure_backbone, ensure_synthetic_world
 from zscir.cli.evaluate import evaluate, load_checkpoint
 from zscir.data.corpora import load_image_caption_corpus
+from zscir.data.keyword_cache import KeywordCache, KeywordSettings
 from zscir.data.synthetic import SynthConfig, generate_world
+from zscir.data.text_corpora import expand_text_sources
 from zscir.methods import build_method
 
 
@@ -210,3 +212,17 @@ def test_the_synthetic_backbone_is_retrained_when_the_world_it_was_trained_on_ch
     Path(f"{checkpoint}.zscir-recipe.json").unlink()
     ensure_backbone(_synthetic_config(tmp_path, seed=2))
     assert len(trained) == 2
+
+
+# ---- LinCIR keyword cache ------------------------------------------------------------------------------
+def test_keyword_cache_notices_a_caption_file_rewritten_with_the_same_size_and_mtime(tmp_path):
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a red dog runs\na big cat\n")
+    settings = KeywordSettings(context_length=32)
+    first = KeywordCache(settings).get(expand_text_sources(corpus)[0])
+    assert list(first.captions) == ["a red dog runs", "a big cat"]
+    _rewrite_keeping_stamp(corpus, b"a big cat\na red dog runs\n")
+    cache = KeywordCache(settings)
+    again = cache.get(expand_text_sources(corpus)[0])
+    assert [event for _, event in cache.events] == ["built"]
+    assert list(again.captions) == ["a big cat", "a red dog runs"]

@@ -6,6 +6,7 @@ loggers, and writing results. The library (``zscir.backbones``, ``methods``, ``d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -477,6 +478,43 @@ def build_trainer(
 
 
 # ---- results --------------------------------------------------------------------------------------
+#: what an evaluation leaves in its run directory (submission files come with metrics.json or features)
+RESULT_FILES = ("metrics.json", "run_info.json", "features*.npz", "retrievals")
+
+
+def refuse_existing_results(run_dir: Path) -> None:
+    """Refuse to evaluate into a run directory that already holds results: they are never replaced.
+
+    Under a fixed run id (``$ZSCIR_RUN_ID``, srun, torchrun) every ``zscir-eval`` of one method names the
+    same directory, so a second evaluation would otherwise overwrite the first one's ``metrics.json``.
+    Every rank checks (the files appear only when rank 0 finishes), so all refuse together.
+
+    Raises:
+        FileExistsError: naming the results found, what produced them, and how to choose another place.
+    """
+    found = sorted(p for pattern in RESULT_FILES for p in run_dir.glob(pattern))
+    if not found:
+        return
+    info_file = run_dir / "run_info.json"
+    what = ""
+    if info_file.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            info = json.loads(info_file.read_text())
+            what = f" (a {info.get('task')} run of {info.get('label')} on {', '.join(info.get('benchmarks') or [])})"
+    launcher = _launcher_id()
+    why = (
+        f" Every zscir-eval of this method under the run id {launcher!r} ($ZSCIR_RUN_ID, or the srun/torchrun "
+        "launch) lands in this directory."
+        if launcher and run_dir.name == launcher
+        else ""
+    )
+    raise FileExistsError(
+        f"{run_dir} already holds results{what}: {', '.join(p.name for p in found)}; zscir-eval never replaces "
+        f"them.{why} Evaluate into another directory: hydra.run.dir=<dir> (e.g. {run_dir}-<benchmark>)"
+        f"{' or another ZSCIR_RUN_ID' if why else ''}; or move or delete {run_dir}."
+    )
+
+
 def flat_metrics(eval_results: dict[str, dict], prefix_benchmark: bool) -> dict[str, float]:
     out = {}
     for bench, result in eval_results.items():

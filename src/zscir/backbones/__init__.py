@@ -84,15 +84,18 @@ def build_encoder(
     )
 
 
-def backbone_fingerprint(config: dict) -> str:
+def backbone_fingerprint(config: dict, whole_seconds: bool = False) -> str:
     """A short, stable id of the weights a backbone config loads (for caches and checkpoint checks).
 
-    Local weight files contribute their size and modification time, so replacing a file changes it.
+    Local weight files contribute their size and modification time in nanoseconds, so replacing a file
+    changes it, even within the same second (a retrained checkpoint has the same size).
+    ``whole_seconds=True`` gives the id zscir stored in checkpoints before (mtime in whole seconds), to
+    recognise those checkpoints.
     """
     relevant = {k: v for k, v in sorted(config.items()) if k not in _APP_KEYS and k != "cache_dir"}
     for key in ("checkpoint", "pretrained", "model"):
         value = relevant.get(key)
         if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):
             st = os.stat(os.path.expanduser(value))
-            relevant[key + "_stat"] = [st.st_size, int(st.st_mtime)]
+            relevant[key + "_stat"] = [st.st_size, int(st.st_mtime) if whole_seconds else st.st_mtime_ns]
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -5,6 +5,8 @@ the caption with that noun highlighted. Takes the same overrides as ``zscir-trai
 
     zscir-cam-grid -n 12 --out outputs/cam_grid.png experiment=demo method=cam_ti
     zscir-cam-grid -n 8 method=cam_ti method.mask_region=object method.tau=0.4 data=cc3m ...
+
+An existing ``--out`` file is not replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -23,8 +26,18 @@ from zscir.methods import build_method
 log = logging.getLogger("zscir")
 
 
-def write_grid(overrides: list[str], n: int, out: str | Path, shuffle: bool = True) -> Path:
-    """Compose the training config, take the first ``n`` training samples, write the grid to ``out``."""
+def write_grid(
+    overrides: list[str], n: int, out: str | Path, shuffle: bool = True, overwrite: bool = False
+) -> Path:
+    """Compose the training config, take the first ``n`` training samples, write the grid to ``out``.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is not set (checked before any work).
+    """
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(
+            f"{out} exists; zscir-cam-grid does not replace it: choose another --out, or pass --overwrite"
+        )
     cfg = compose_config("train", list(overrides))
     if cfg.method.name != "cam_ti":
         raise ValueError(
@@ -45,7 +58,7 @@ def write_grid(overrides: list[str], n: int, out: str | Path, shuffle: bool = Tr
     return method.write_cam_grid(batch, out, n)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,11 +68,17 @@ def main() -> None:
     parser.add_argument(
         "--no-shuffle", action="store_true", help="the corpus' first samples instead of a random draw"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for zscir-train")
-    args = parser.parse_args()
-    path = write_grid(args.overrides, args.n, args.out, shuffle=not args.no_shuffle)
+    args = parser.parse_args(argv)
+    try:
+        path = write_grid(args.overrides, args.n, args.out, not args.no_shuffle, args.overwrite)
+    except FileExistsError as err:
+        print(f"zscir-cam-grid: error: {err}", file=sys.stderr)
+        return 2
     print(f"CAM grid of {args.n} samples: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,6 +6,8 @@ loggers, and writing results. The library (``zscir.backbones``, ``methods``, ``d
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +28,7 @@ from zscir.backbones.errors import missing_checkpoint_message
 from zscir.cli.safe_loggers import start_failsafe
 from zscir.data.benchmarks import Benchmark, build_benchmark
 from zscir.data.loaders import DataConfig
-from zscir.data.synthetic import SynthConfig, generate_world
+from zscir.data.synthetic import SynthConfig, generate_world, world_manifest
 from zscir.methods import method_class, parse_config
 from zscir.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -293,43 +295,79 @@ def build_benchmarks(configs: list[dict]) -> list[Benchmark]:
 
 # ---- first-use provisioning -----------------------------------------------------------------------
 def ensure_synthetic_world(cfg: DictConfig) -> None:
-    """Generate the synthetic world if anything this run reads lives under it and it is not there yet."""
+    """Generate the synthetic world if anything this run reads lives under it and it is not there yet,
+    or was generated with other ``synth`` settings than this run's (it is then regenerated)."""
     root = Path(cfg.paths.synthetic_dir)
     wanted = [b.get("root", "") for b in benchmark_configs(cfg)]
     if cfg.get("data"):
         wanted.append(str(cfg.data.path))
-    if any(str(Path(w)).startswith(str(root)) for w in wanted) and not (root / "world.json").is_file():
+    if not any(str(Path(w)).startswith(str(root)) for w in wanted):
+        return
+    synth = parse_config(SynthConfig, plain(cfg.synth))
+    marker = root / "world.json"
+    if not marker.is_file():
         log.info("generating the synthetic shapes world in %s (first use)", root)
-        generate_world(root, parse_config(SynthConfig, plain(cfg.synth)))
+    elif json.loads(marker.read_text()) != world_manifest(synth):
+        log.warning(
+            "the synthetic world in %s was generated with other synth settings; regenerating it", root
+        )
+    else:
+        return
+    generate_world(root, synth)
 
 
 def ensure_backbone(cfg: DictConfig) -> None:
-    """Train the backbone's recipe when its checkpoint is missing (the synthetic-world CLIP on first use)."""
+    """Train the backbone's recipe when its checkpoint is missing (the synthetic-world CLIP on first use),
+    or when the recipe trained it on another synthetic world than this run's ``synth`` settings describe.
+
+    What a recipe-trained checkpoint was trained from is recorded beside it
+    (``<checkpoint>.zscir-recipe.json``: the recipe and the world's manifest); a checkpoint without
+    that record (weights from elsewhere) is used as it is.
+    """
     checkpoint, recipe = cfg.backbone.get("checkpoint"), cfg.backbone.get("train_recipe")
-    if not checkpoint or Path(checkpoint).is_file():
+    if not checkpoint:
         return
     if not recipe:
-        raise BackboneLoadError(missing_checkpoint_message(cfg.backbone.kind, checkpoint))
+        if not Path(checkpoint).is_file():
+            raise BackboneLoadError(missing_checkpoint_message(cfg.backbone.kind, checkpoint))
+        return
+    source = {"recipe": recipe, "world": world_manifest(parse_config(SynthConfig, plain(cfg.synth)))}
+    record = Path(f"{checkpoint}.zscir-recipe.json")
+    if Path(checkpoint).is_file():
+        if not record.is_file() or json.loads(record.read_text()) == source:
+            return
+        log.warning(
+            "backbone %s: %s was trained on another synthetic world than this run's synth settings "
+            "describe; retraining it with experiment=%s",
+            cfg.backbone.name,
+            checkpoint,
+            recipe,
+        )
+    else:
+        log.info(
+            "backbone %s: %s is missing; training it with experiment=%s (first use)",
+            cfg.backbone.name,
+            checkpoint,
+            recipe,
+        )
     from zscir.cli.train import train
 
-    log.info(
-        "backbone %s: %s is missing; training it with experiment=%s (first use)",
-        cfg.backbone.name,
-        checkpoint,
-        recipe,
-    )
     recipe_cfg = compose_config(
         "train", [f"experiment={recipe}", f"trainer.accelerator={cfg.trainer.accelerator}"]
     )
     with open_dict(recipe_cfg):
         recipe_cfg.paths = cfg.paths
         recipe_cfg.synth = cfg.synth
-        recipe_cfg.paths.run_dir = str(Path(cfg.paths.output_dir) / "backbones" / cfg.backbone.name)
+        # one run directory per source: an interrupted training continues (resume=last) instead of
+        # starting over, and a training for another world never resumes this one's
+        digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+        recipe_cfg.paths.run_dir = str(Path(cfg.paths.output_dir) / "backbones" / cfg.backbone.name / digest)
         recipe_cfg.method.export_backbone = checkpoint
-        recipe_cfg.resume = "last"  # an interrupted first-use training continues instead of starting over
-    train(recipe_cfg)
+        recipe_cfg.resume = "last"
+    train(recipe_cfg)  # the old record stays until then: an interrupted retraining is retried next time
     if not Path(checkpoint).is_file():
         raise BackboneLoadError(f"experiment={recipe} finished but did not write {checkpoint}")
+    atomic_write_json(record, source)
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
@@ -451,6 +489,43 @@ def build_trainer(
 
 
 # ---- results --------------------------------------------------------------------------------------
+#: what an evaluation leaves in its run directory (submission files come with metrics.json or features)
+RESULT_FILES = ("metrics.json", "run_info.json", "features*.npz", "retrievals")
+
+
+def refuse_existing_results(run_dir: Path) -> None:
+    """Refuse to evaluate into a run directory that already holds results: they are never replaced.
+
+    Under a fixed run id (``$ZSCIR_RUN_ID``, srun, torchrun) every ``zscir-eval`` of one method names the
+    same directory, so a second evaluation would otherwise overwrite the first one's ``metrics.json``.
+    Every rank checks (the files appear only when rank 0 finishes), so all refuse together.
+
+    Raises:
+        FileExistsError: naming the results found, what produced them, and how to choose another place.
+    """
+    found = sorted(p for pattern in RESULT_FILES for p in run_dir.glob(pattern))
+    if not found:
+        return
+    info_file = run_dir / "run_info.json"
+    what = ""
+    if info_file.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            info = json.loads(info_file.read_text())
+            what = f" (a {info.get('task')} run of {info.get('label')} on {', '.join(info.get('benchmarks') or [])})"
+    launcher = _launcher_id()
+    why = (
+        f" Every zscir-eval of this method under the run id {launcher!r} ($ZSCIR_RUN_ID, or the srun/torchrun "
+        "launch) lands in this directory."
+        if launcher and run_dir.name == launcher
+        else ""
+    )
+    raise FileExistsError(
+        f"{run_dir} already holds results{what}: {', '.join(p.name for p in found)}; zscir-eval never replaces "
+        f"them.{why} Evaluate into another directory: hydra.run.dir=<dir> (e.g. {run_dir}-<benchmark>)"
+        f"{' or another ZSCIR_RUN_ID' if why else ''}; or move or delete {run_dir}."
+    )
+
+
 def flat_metrics(eval_results: dict[str, dict], prefix_benchmark: bool) -> dict[str, float]:
     out = {}
     for bench, result in eval_results.items():

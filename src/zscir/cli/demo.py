@@ -94,6 +94,7 @@ def run_demo(
     with open_dict(clip_eval):
         clip_eval.paths.run_dir = str(out_dir / "backbone_check")
         clip_eval.label = "tiny_synthetic caption->image"
+    shutil.rmtree(out_dir / "backbone_check", ignore_errors=True)  # the demo redoes its own outputs
     clip_metrics = evaluate(clip_eval)
 
     runs = runs or DEMO_RUNS
@@ -111,6 +112,7 @@ def run_demo(
         [out_dir / "runs" / label for label, _ in runs],
         out_dir,
         title="zscir demo: synthetic shapes world, tiny CLIP backbone",
+        overwrite=True,
     )
     grids = sorted(str(p) for p in (out_dir / "runs").glob("*/cam_grid.png"))
     summary = {

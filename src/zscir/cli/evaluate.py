@@ -6,7 +6,8 @@
     zscir-eval run_dir=... benchmark=synthetic_cirr visualize=8   # + retrieval grids (PNG) per query
 
 Writes ``metrics.json`` (flat, percent), ``features.npz`` and, for unlabelled test splits, the server
-submission files into the run directory.
+submission files into the run directory. A run directory that already holds results (e.g. another
+evaluation under the same ``$ZSCIR_RUN_ID``) is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from zscir.cli.common import (
     metrics_after_test,
     plain,
     print_metrics,
+    refuse_existing_results,
     validate_config,
     write_examples,
     write_features,
@@ -42,6 +44,7 @@ from zscir.cli.common import (
 from zscir.cli.tracking import finish_wandb, log_wandb_summary, mark_latest_sweep
 from zscir.methods import RetrievalMethod, build_method
 from zscir.retrieval.cache import GalleryCache
+from zscir.utils.io import file_stamp
 
 log = logging.getLogger("zscir")
 
@@ -90,8 +93,7 @@ def load_checkpoint(method: RetrievalMethod, path: str | Path) -> None:
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
     method.on_load_checkpoint(checkpoint)
     method.load_state_dict(checkpoint["state_dict"])
-    stat = path.stat()
-    method.weights_tag = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    method.weights_tag = f"{path.resolve()}:{file_stamp(path)}"  # part of the gallery cache key
 
 
 def from_run_dir(cfg: DictConfig) -> None:
@@ -115,6 +117,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg, "eval")
     check_launch(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    refuse_existing_results(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_global_zero():
         mark_latest_sweep()

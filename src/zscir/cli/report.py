@@ -7,6 +7,9 @@ Collects every ``metrics.json`` under the given run or sweep directories (with t
 mean ± std over seeds. A swept setting is a config key whose value differs between runs of one method and
 backbone (e.g. ``method.mask_ratio``); it gets a column, and when it is the only one, a metric-vs-setting
 plot.
+
+The report goes to ``--out`` (default: the directory, when only one is given); a report already there
+is not replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import io
 import json
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -303,16 +307,34 @@ def plot_sweep(columns: list[str], rows: list[dict], param: str, path: Path, tit
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def report(dirs: list[str | Path], out_dir: str | Path, title: str = "zscir results") -> dict[str, Path]:
+#: what a report consists of (``results_<setting>.png``: the metric-vs-setting plot)
+REPORT_FILES = ("results.md", "results.csv", "results.png", "results_*.png")
+
+
+def report(
+    dirs: list[str | Path], out_dir: str | Path, title: str = "zscir results", overwrite: bool = False
+) -> dict[str, Path]:
     """Write ``results.md``, ``results.csv`` and ``results.png`` into ``out_dir`` (plus
-    ``results_<setting>.png`` when exactly one setting is swept); returns their paths."""
+    ``results_<setting>.png`` when exactly one setting is swept); returns their paths.
+
+    Raises:
+        FileNotFoundError: no ``metrics.json`` under ``dirs``.
+        FileExistsError: ``out_dir`` already holds a report and ``overwrite`` is not set. With
+            ``overwrite``, the old report's files are replaced, and its ``results_*.png`` removed.
+    """
+    out = Path(out_dir)
+    existing = sorted(p for pattern in REPORT_FILES for p in out.glob(pattern))
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a report ({', '.join(p.name for p in existing)}); zscir-report does not "
+            "replace it: choose another --out, or pass --overwrite to replace it"
+        )
     runs = collect_runs(dirs)
     if not runs:
         raise FileNotFoundError(f"no metrics.json found under {[str(d) for d in dirs]}")
     params = sweep_parameters(runs)
     columns, rows = summarize(runs, params)
     md, table_csv = render_tables(columns, rows)
-    out = Path(out_dir)
     paths = {
         "markdown": atomic_write_text(out / "results.md", f"# {title}\n\n{md}"),
         "csv": atomic_write_text(out / "results.csv", table_csv),
@@ -322,20 +344,34 @@ def report(dirs: list[str | Path], out_dir: str | Path, title: str = "zscir resu
         paths["sweep_plot"] = plot_sweep(columns, rows, params[0], out / f"results_{params[0]}.png", title)
     elif params:
         print(f"several settings vary ({', '.join(params)}): no metric-vs-setting plot", flush=True)
+    for stale in set(existing) - set(paths.values()):  # e.g. the plot of a setting no longer swept
+        stale.unlink()
     print(md, flush=True)
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="run or sweep directories to collect metrics.json from")
-    parser.add_argument("--out", default=None, help="output folder (default: the first directory)")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: the directory, when only one is given)"
+    )
     parser.add_argument("--title", default="zscir results")
+    parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     args = parser.parse_args(argv)
-    paths = report(args.dirs, args.out or args.dirs[0], args.title)
+    if args.out is None and len(args.dirs) > 1:
+        # a report of several directories belongs to none of them (a report of the first alone would
+        # later replace it, or be refused)
+        parser.error(f"--out is needed with several directories ({len(args.dirs)} given)")
+    try:
+        paths = report(args.dirs, args.out or args.dirs[0], args.title, args.overwrite)
+    except (FileNotFoundError, FileExistsError) as err:
+        print(f"zscir-report: error: {err}", file=sys.stderr)
+        return 2
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

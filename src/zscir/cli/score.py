@@ -7,7 +7,7 @@
 
 Labelled splits write ``OUT/metrics.json`` (flat, percent); server splits (CIRR ``test1``, CIRCO ``test``)
 write the submission files (``cirr_test1_recall.json``, ``cirr_test1_recall_subset.json``,
-``circo_test.json``). Features are matched to the benchmark by id, so their order does not matter, and
+``circo_test.json``). Files already in ``OUT`` are never replaced without ``--overwrite``. Features are matched to the benchmark by id, so their order does not matter, and
 are L2-normalised here. Without ``--category``, FashionIQ picks the category whose gallery the file holds.
 """
 
@@ -46,10 +46,15 @@ def score(
     category: str | None = None,
     task: str | None = None,
     submission: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, object]:
     """Score (labelled splits) and/or write submission files (server splits, or ``submission=True``).
 
     Returns ``{"metrics": {...}, "files": [paths written]}``.
+
+    Raises:
+        FileExistsError: a file this would write exists in ``out`` and ``overwrite`` is not set
+            (nothing is written then).
     """
     arrays = load_features(features)
     options: dict[str, object] = {}
@@ -66,15 +71,21 @@ def score(
     bench = build_benchmark(benchmark, str(root), split, **options)
     out = Path(out).expanduser()
     metrics: dict[str, float] = {}
-    files: list[Path] = []
+    outputs: dict[str, tuple[object, int | None]] = {}  # file name -> (JSON object, indent)
     if bench.labelled:
         metrics = {k: float(v) for k, v in bench.score_arrays(arrays).items()}
-        files.append(atomic_write_json(out / "metrics.json", metrics))
+        outputs["metrics.json"] = (metrics, 2)
     if split in bench.submission_splits or submission:
-        for name, obj in bench.submission_arrays(arrays).items():
-            files.append(atomic_write_json(out / name, obj, indent=None))
-    if not files:
+        outputs.update({name: (obj, None) for name, obj in bench.submission_arrays(arrays).items()})
+    if not outputs:
         raise ValueError(f"{bench.name} {split} has no labels and no evaluation server: nothing to score")
+    existing = [name for name in outputs if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {', '.join(existing)}; zscir-score does not replace results: choose "
+            "another --out, or pass --overwrite to replace them"
+        )
+    files = [atomic_write_json(out / name, obj, indent=indent) for name, (obj, indent) in outputs.items()]
     return {"metrics": metrics, "files": files}
 
 
@@ -94,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--submission", action="store_true", help="also write submission files for a labelled split (val)"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace metrics.json / submission files already in --out"
+    )
     args = parser.parse_args(argv)
     try:
         result = score(
@@ -105,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.category,
             args.task,
             args.submission,
+            args.overwrite,
         )
     except (OSError, ValueError, KeyError) as err:
         print(f"zscir-score: error: {err}", file=sys.stderr)

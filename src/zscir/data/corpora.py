@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from zscir.data.benchmarks.base import DatasetLayoutError, ImageLoadError, ImageRef, load_rgb
-from zscir.utils.io import atomic_write_json
+from zscir.utils.io import atomic_write_json, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def load_image_caption_corpus(spec: str | Path) -> list[CaptionedImage]:
     samples: list[CaptionedImage] = []
     for shard in tqdm(expand_shards(spec), desc="indexing shards", leave=False):
         index_file = shard.with_name(shard.name + ".zscir-index.json")
-        stat = shard.stat()
-        stamp = {"version": INDEX_VERSION, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+        # a shard rewritten in place (same size, even the same mtime) is re-indexed: its spans moved
+        stamp = {"version": INDEX_VERSION, "file": list(file_stamp(shard))}
         entries = None
         if index_file.is_file():
             try:

@@ -4,10 +4,10 @@ step (the official LinCIR loader runs ``en_core_web_sm`` on each caption each ti
 One cache entry per caption file holds the file's cleaned captions and each caption's keyword runs
 (:mod:`zscir.text.keywords`), packed into an ``.npz``. It lives next to the file by default
 (``<file>.<settings>.zscir-keywords.npz``) or in a configured folder. An entry is used only if it was
-built from the same file (path, size, modification time, format, field) with the same settings (context
-length, parts of speech, spaCy model and versions) and holds at least the captions asked for (an entry
-of a file's first n captions, ``data.max_samples``, serves any request up to n); otherwise — or if it
-cannot be read — it is rebuilt. Writes are atomic, and a lock file lets one process build an entry while the
+built from the same file (path, size, modification and change time, format, field) with the same
+settings (context length, parts of speech, spaCy model and versions) and holds at least the captions
+asked for (an entry of a file's first n captions, ``data.max_samples``, serves any request up to n);
+otherwise — or if it cannot be read — it is rebuilt. Writes are atomic, and a lock file lets one process build an entry while the
 others (DDP ranks) wait and then read it. A folder that cannot be written only costs the cache: the
 keywords are still computed and used.
 """

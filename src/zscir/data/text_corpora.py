@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from zscir.data.benchmarks.base import DatasetLayoutError
+from zscir.utils.io import file_stamp
 
 #: file suffix -> format
 TEXT_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet", ".tar": "wds"}
@@ -51,13 +52,12 @@ class CaptionSource:
         return self.path.name
 
     def identity(self) -> dict:
-        """What the file's captions depend on: location, size, modification time, format and field
-        (not ``limit``: the first n captions are the same whatever is read after them)."""
-        st = self.path.stat()
+        """What the file's captions depend on: location, :func:`~zscir.utils.io.file_stamp` (size,
+        modification and change time), format and field (not ``limit``: the first n captions are the
+        same whatever is read after them)."""
         return {
             "path": str(self.path.resolve()),
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
+            "stamp": list(file_stamp(self.path)),
             "format": self.format,
             "field": self.field,
         }

@@ -204,7 +204,9 @@ class RetrievalMethod(L.LightningModule):
                 f"pass method={info['method']} (or a checkpoint of {self.cfg.name})"
             )
         ours = backbone_fingerprint(self.backbone_cfg)
-        if info.get("backbone_fingerprint", ours) != ours:
+        # checkpoints written before the fingerprint used nanoseconds hold the whole-second form
+        known = (ours, backbone_fingerprint(self.backbone_cfg, whole_seconds=True))
+        if info.get("backbone_fingerprint", ours) not in known:
             theirs = info.get("backbone") or "another backbone"
             raise ValueError(
                 f"checkpoint was trained on backbone {theirs!r} (weights fingerprint "

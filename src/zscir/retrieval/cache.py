@@ -1,10 +1,11 @@
 """On-disk gallery feature cache.
 
 Keyed by everything that determines the features: the backbone's weights fingerprint, the method's
-gallery encoder, the benchmark (kind, root, split, gallery ids) and the image transform. A second
-evaluation of an unchanged gallery loads its features instead of re-encoding. Entries are written
-atomically; an entry that fails to load, does not match its key or holds NaN/inf is deleted and
-recomputed. Non-finite features are never saved (:func:`~zscir.retrieval.search.check_finite`).
+gallery encoder, the benchmark (kind, root, split, gallery ids, and each image file's size, modification
+and change time: ``Benchmark.identity``) and the image transform. A second evaluation of an unchanged
+gallery loads its features instead of re-encoding; images repaired or replaced since are re-encoded.
+Entries are written atomically; an entry that fails to load, does not match its key or holds NaN/inf is
+deleted and recomputed. Non-finite features are never saved (:func:`~zscir.retrieval.search.check_finite`).
 """
 
 from __future__ import annotations

@@ -94,3 +94,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: object, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def file_stamp(path: str | Path) -> tuple[int, int, int]:
+    """(size in bytes, modification time in ns, status-change time in ns) of a file: what a cache keyed
+    on a file checks to notice that the file was rewritten, with one ``stat``.
+
+    The change time catches rewrites that keep size and modification time (``cp -p``, ``rsync -t``,
+    ``tar x`` restore the source's mtime; nothing can set ctime back); a ``chmod`` also changes it,
+    which only costs a recomputation.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns

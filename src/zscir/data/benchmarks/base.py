@@ -8,6 +8,7 @@ removed, which ground truths count, how captions are joined — lives in the ben
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from abc import ABC, abstractmethod
@@ -21,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from zscir.retrieval.search import check_finite
+from zscir.utils.io import file_stamp
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -114,13 +116,17 @@ class Benchmark(ABC):
         return {}
 
     def identity(self) -> dict:
-        """What determines this benchmark's gallery (for feature caches)."""
+        """What determines this benchmark's gallery features (the gallery feature cache's key): loader,
+        split, gallery ids, and what the encoder reads — each image's file (for an image inside a tar
+        shard: the shard and the member's span), crop box, and the file's :func:`file_stamp`, so images
+        repaired or replaced in place are re-encoded. One ``stat`` per distinct file."""
         return {
             "kind": self.kind,
             "version": self.version,
             "root": str(self.root.resolve()),
             "split": self.split,
             "gallery": [r.image_id for r in self.gallery],
+            "files": gallery_files_digest(self.gallery),
         }
 
     # ---- features.npz ------------------------------------------------------------------------
@@ -164,6 +170,21 @@ class Benchmark(ABC):
 
 
 # ---- helpers shared by the loaders -------------------------------------------------------------------
+def gallery_files_digest(refs: Sequence[ImageRef]) -> str:
+    """A SHA-1 over every image's (path, span, box, :func:`file_stamp`), in gallery order; a missing
+    file counts as ``None`` (encoding it then fails with :class:`ImageLoadError`)."""
+    stamps: dict[Path, tuple[int, int, int] | None] = {}  # tar shards hold many images: one stat each
+    digest = hashlib.sha1()
+    for ref in refs:
+        if ref.path not in stamps:
+            try:
+                stamps[ref.path] = file_stamp(ref.path)
+            except OSError:
+                stamps[ref.path] = None
+        digest.update(repr((str(ref.path), ref.span, ref.box, stamps[ref.path])).encode())
+    return digest.hexdigest()
+
+
 def ids_from_array(values: np.ndarray | Sequence) -> list[str]:
     """Ids as strings, whatever the array holds (str, bytes or integers)."""
     out = []

@@ -277,6 +277,11 @@ def write_circo(root: Path, cfg: SynthConfig) -> None:
 
 
 # ---- everything -------------------------------------------------------------------------------------
+def world_manifest(cfg: SynthConfig) -> dict:
+    """The ``world.json`` of the world ``cfg`` generates: the file format version and every setting."""
+    return {"format_version": FORMAT_VERSION, **asdict(cfg)}
+
+
 def generate_world(root: str | Path, cfg: SynthConfig | None = None, force: bool = False) -> Path:
     """Generate (or reuse) the synthetic world under ``root``; returns ``root``.
 
@@ -285,7 +290,7 @@ def generate_world(root: str | Path, cfg: SynthConfig | None = None, force: bool
     """
     cfg = cfg or SynthConfig()
     root = Path(root)
-    manifest = {"format_version": FORMAT_VERSION, **asdict(cfg)}
+    manifest = world_manifest(cfg)
     marker = root / "world.json"
     if not force and marker.is_file() and json.loads(marker.read_text()) == manifest:
         return root

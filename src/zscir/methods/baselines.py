@@ -44,6 +44,7 @@ class Sum(RetrievalMethod):
     """Query = normalize(text) + w · normalize(image): the late-fusion baseline."""
 
     Config = SumConfig
+    composes_from_towers = True
 
     def compose(self, batch: dict) -> Tensor:
         texts = [self.cfg.template.format(caption=t) for t in batch["texts"]]

@@ -26,6 +26,7 @@ from zscir.data.benchmarks import build_benchmark
 from zscir.data.benchmarks.base import AnnotationError, DatasetLayoutError, pli_caption
 from zscir.methods import build_method
 from zscir.retrieval.search import normalize
+from zscir.retrieval.visualize import retrieve
 
 TINY = {"name": "tiny", "kind": "open_clip", "model": "tiny"}
 CIRR_CAPTIONS = {  # pairid -> a caption; three of them change under PLI's rewrite
@@ -197,6 +198,9 @@ def test_circo_pli_removes_the_reference(data):
     assert m["semantic_map@10/negation"] == pytest.approx(50.0)
     assert p["pli/semantic_map@10/negation"] == pytest.approx(100.0)
     assert set(p) == {f"pli/{k}" for k in m}
+    # the retrieval grids rank as the protocol does: query 1's reference 7 first (official) or absent (PLI)
+    assert retrieve(official, q, one_hot(official), [1], k=2)[0].ranked == (1, 0)
+    assert retrieve(pli, q, one_hot(pli), [1], k=2)[0].ranked == (0, 2)
 
 
 def test_circo_pli_submission_leaves_the_reference_out(data):

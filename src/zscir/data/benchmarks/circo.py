@@ -69,6 +69,7 @@ class CIRCO(Benchmark):
         self, root: str | Path, split: str = "val", name: str | None = None, protocol: str = "official"
     ):
         super().__init__(root, split, name, protocol)
+        self.excludes_reference = protocol == "pli"  # the retrieval grids follow the protocol too
         if split not in SPLITS:
             raise ValueError(f"CIRCO split must be one of {SPLITS}, got {split!r}")
         ann = f"annotations/{split}.json"
@@ -135,7 +136,7 @@ class CIRCO(Benchmark):
     def _top50(self, query_feats: Tensor, gallery_feats: Tensor) -> Tensor:
         """[Q, 50] gallery indices, best first; the reference left out under ``protocol="pli"``."""
         exclude = None
-        if self.protocol == "pli":
+        if self.excludes_reference:
             index = self.gallery_index()
             exclude = torch.tensor([index[q.reference.image_id] for q in self.queries], dtype=torch.long)
         return topk_search(query_feats, gallery_feats, 50, exclude=exclude)[0]

@@ -95,6 +95,7 @@ class FashionIQ(Benchmark):
     ):
         super().__init__(root, split, name, protocol)
         pli = protocol == "pli"
+        self.excludes_reference = protocol == "pli"  # the retrieval grids follow the protocol too
         category = category or "all"
         if split not in SPLITS:
             raise ValueError(f"FashionIQ split must be one of {SPLITS}, got {split!r}")
@@ -305,7 +306,7 @@ class FashionIQ(Benchmark):
             queries = self.queries[first : first + count]
             target = torch.tensor([local[q.target_ids[0]] for q in queries])
             feats = query_feats[first : first + count], gallery_feats[torch.tensor(positions)]
-            if self.protocol == "pli":  # the reference removed from its own ranking
+            if self.excludes_reference:  # PLI: the reference removed from its own ranking
                 reference = torch.tensor([local[q.reference.image_id] for q in queries])
                 metrics = fashioniq_recall_without_reference(*feats, target, reference)
             else:

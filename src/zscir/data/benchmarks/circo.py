@@ -69,7 +69,7 @@ class CIRCO(Benchmark):
         self, root: str | Path, split: str = "val", name: str | None = None, protocol: str = "official"
     ):
         super().__init__(root, split, name, protocol)
-        self.excludes_reference = protocol == "pli"  # the retrieval grids follow the protocol too
+        self.excludes_reference = protocol == "pli"  # PLI removes the reference (scores and retrieval grids)
         if split not in SPLITS:
             raise ValueError(f"CIRCO split must be one of {SPLITS}, got {split!r}")
         ann = f"annotations/{split}.json"

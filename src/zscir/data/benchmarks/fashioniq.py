@@ -82,7 +82,6 @@ def pli_pairs_file(split: str, category: str) -> str:
 
 class FashionIQ(Benchmark):
     kind = "fashioniq"
-
     protocols = ("official", "pli")
 
     def __init__(
@@ -95,7 +94,7 @@ class FashionIQ(Benchmark):
     ):
         super().__init__(root, split, name, protocol)
         pli = protocol == "pli"
-        self.excludes_reference = protocol == "pli"  # the retrieval grids follow the protocol too
+        self.excludes_reference = pli  # PLI removes the reference (scores and retrieval grids)
         category = category or "all"
         if split not in SPLITS:
             raise ValueError(f"FashionIQ split must be one of {SPLITS}, got {split!r}")

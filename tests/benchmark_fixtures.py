@@ -82,6 +82,35 @@ def make_fashioniq(root: Path, ext: str = ".png") -> Path:
     return root
 
 
+FIQ_PLI_PAIRS = {  # PLI's own query lists: per pair (reference, target, [caption line 1, caption line 2])
+    "dress": [  # its gallery is all 12 dress images, in another order than the split list
+        ("B00DRESS01", "B00DRESS02", ["is shiny and silver.", "fit and flare"]),
+        ("B00DRESS01", "B00DRESS04", ["is white,", "has sleeves?"]),
+        ("B00DRESS03", "B00DRESS05", ["is floral...", "is floral..."]),  # PLI's files repeat a lone caption
+        ("B00DRESS06", "B00DRESS07", ["is red & short", "has a *star*"]),
+        ("B00DRESS08", "B00DRESS09", ["is longer", "is darker"]),
+        ("B00DRESS10", "B00DRESS11", ["is blue", "is blue"]),
+        ("B00DRESS12", "B00DRESS06", ["is plain", "is plainer"]),
+    ],
+    "shirt": [  # the official triplet B00SHARED2 -> B00SHIRT03 is not in PLI's list
+        ("B00SHIRT01", "B00SHARED1", ["is blue", "has a collar"]),
+        ("B00SHIRT03", "B00SHIRT02", ["longer, and red", "."]),
+    ],
+    "toptee": [("B00SHARED2", "B00SHARED1", ["?", "is striped ,"])],
+}
+
+
+def make_fashioniq_pli_lists(root: Path, split: str = "val") -> Path:
+    """PLI's FashionIQ query lists ``captions_pairs/fashion_iq-<split>-cap-<category>.txt`` in its format:
+    ``<cat>/<ref>.jpg;<cat>/<target>.jpg;<caption> `` (a space ends every line's caption), two lines a pair."""
+    for cat, pairs in FIQ_PLI_PAIRS.items():
+        lines = [f"{cat}/{ref}.jpg;{cat}/{target}.jpg;{c} \n" for ref, target, caps in pairs for c in caps]
+        path = root / "captions_pairs" / f"fashion_iq-{split}-cap-{cat}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(lines))
+    return root
+
+
 # ---- CIRR ---------------------------------------------------------------------------------------------
 CIRR_VAL_IMAGES = [
     "dev-1-0-img0",

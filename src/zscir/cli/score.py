@@ -4,11 +4,17 @@
     zscir-score --benchmark cirr --root /data/CIRR --split test1 --features run/features.npz --out sub/
     zscir-score --benchmark fashioniq --root /data/FashionIQ --split val --category dress --features f.npz --out s/
     zscir-score --benchmark genecis --root /data/GeneCIS --split val --task focus_object --features f.npz --out s/
+    zscir-score --benchmark circo --root /data/CIRCO --split val --protocol pli --features f.npz --out s/
 
 Labelled splits write ``OUT/metrics.json`` (flat, percent); server splits (CIRR ``test1``, CIRCO ``test``)
 write the submission files (``cirr_test1_recall.json``, ``cirr_test1_recall_subset.json``,
 ``circo_test.json``). Files already in ``OUT`` are never replaced without ``--overwrite``. Features are matched to the benchmark by id, so their order does not matter, and
 are L2-normalised here. Without ``--category``, FashionIQ picks the category whose gallery the file holds.
+
+``--protocol pli`` scores under the PLI paper's evaluation protocol (metric keys ``pli/...``, server files
+``*_pli*.json``). Where that protocol changes the queries themselves (CIRR captions, FashionIQ query set,
+GeneCIS composition), the features must have been computed under it (``zscir-eval benchmark.protocol=pli``,
+which records it in features.npz); CIRCO features score under either protocol.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from zscir.data.benchmarks import BENCHMARKS, build_benchmark
+from zscir.data.benchmarks.base import PROTOCOLS
 from zscir.utils.io import atomic_write_json
 
 
@@ -47,6 +54,7 @@ def score(
     task: str | None = None,
     submission: bool = False,
     overwrite: bool = False,
+    protocol: str = "official",
 ) -> dict[str, object]:
     """Score (labelled splits) and/or write submission files (server splits, or ``submission=True``).
 
@@ -57,7 +65,7 @@ def score(
             (nothing is written then).
     """
     arrays = load_features(features)
-    options: dict[str, object] = {}
+    options: dict[str, object] = {} if protocol == "official" else {"protocol": protocol}
     if category is not None and benchmark != "fashioniq":
         raise ValueError("--category is a FashionIQ option")
     if task is not None and benchmark != "genecis":
@@ -65,7 +73,9 @@ def score(
     if benchmark == "fashioniq":
         from zscir.data.benchmarks.fashioniq import FashionIQ
 
-        options["category"] = category or FashionIQ.infer_category(root, split, arrays.get("gallery_ids", []))
+        options["category"] = category or FashionIQ.infer_category(
+            root, split, arrays.get("gallery_ids", []), protocol
+        )
     if benchmark == "genecis":
         options["task"] = task
     bench = build_benchmark(benchmark, str(root), split, **options)
@@ -107,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace metrics.json / submission files already in --out"
+        "--protocol",
+        default="official",
+        choices=PROTOCOLS,
+        help="official (default; the benchmarks' own evaluators) | pli (the PLI paper's evaluation scripts)",
     )
     args = parser.parse_args(argv)
     try:
@@ -120,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.task,
             args.submission,
             args.overwrite,
+            args.protocol,
         )
     except (OSError, ValueError, KeyError) as err:
         print(f"zscir-score: error: {err}", file=sys.stderr)

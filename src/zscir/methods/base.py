@@ -5,6 +5,14 @@ caption texts) and, if it trains, :meth:`training_step`. Everything about evalua
 encoding (sharded over ranks, cached on disk when the image tower is unchanged), query encoding
 through Lightning's validation/test loops, gathering and de-duplicating across ranks, scoring,
 logging ``val/<benchmark>/<metric>`` — lives here, so no method re-implements it.
+
+A benchmark protocol may prescribe the query composition itself (GeneCIS under ``protocol="pli"``:
+``normalize(0.5·f_img + 0.5·f_txt)`` of the unnormalised tower features, ``Benchmark.query_rule``). The
+rule stays with the benchmark; the loop asks the method only for its raw tower features
+(:meth:`RetrievalMethod.encode_towers`) and applies the rule in place of :meth:`~RetrievalMethod.compose`.
+Only methods whose query is built from their own towers (``composes_from_towers``: PLI, the sum
+baseline) accept such a benchmark; for the others (a textual-inversion network, CAM masking) the
+rule would score something the method never computes, so they are refused at attach time.
 """
 
 from __future__ import annotations
@@ -117,6 +125,9 @@ class RetrievalMethod(L.LightningModule):
     Config: type = MethodConfig
     #: towers the method never trains; kept frozen and in eval mode, and left out of checkpoints
     frozen_towers: tuple[str, ...] = ("image", "text")
+    #: whether the query is a composition of this method's own image and text tower features (PLI, the sum
+    #: baseline): only then can a benchmark protocol's ``query_rule`` stand in for :meth:`compose`
+    composes_from_towers: bool = False
 
     def __init__(self, backbone: dict, config: dict):
         super().__init__()
@@ -154,6 +165,13 @@ class RetrievalMethod(L.LightningModule):
     def encode_gallery(self, pixels: Tensor) -> Tensor:
         """Gallery features [B, D]; the image tower by default."""
         return self.encoder.encode_image(pixels)
+
+    def encode_towers(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Unnormalised (image [B, D], text [B, D]) tower features of ``batch["pixels"]`` and the raw
+        captions ``batch["texts"]``: what a benchmark's ``query_rule`` composes (``composes_from_towers``)."""
+        return self.encoder.encode_image(batch["pixels"]), self.encoder.encode_text(
+            self.encoder.tokenize(batch["texts"])
+        )
 
     @property
     def trains(self) -> bool:
@@ -226,7 +244,19 @@ class RetrievalMethod(L.LightningModule):
         num_workers: int = 0,
         cache: GalleryCache | None = None,
     ) -> None:
-        """Benchmarks evaluated by ``trainer.validate``/``test`` and after each training epoch."""
+        """Benchmarks evaluated by ``trainer.validate``/``test`` and after each training epoch.
+
+        Raises:
+            ValueError: a benchmark's protocol composes the queries itself (``query_rule``) and this
+                method's query is not built from its towers (``composes_from_towers`` is False).
+        """
+        ruled = [b for b in benchmarks if b.query_rule is not None]
+        if ruled and not self.composes_from_towers:
+            raise ValueError(
+                f"benchmark {ruled[0].name!r} (protocol {ruled[0].protocol!r}) builds every query itself from "
+                f"the image and text towers' features, but {type(self).__name__} does not compose its query "
+                "from its towers, so that protocol cannot score it; set benchmark.protocol=official"
+            )
         self.benchmarks = list(benchmarks)
         self.eval_batch_size, self.eval_workers, self.gallery_cache = batch_size, num_workers, cache
         self._metrics = [BenchmarkMetric(b, sync_on_compute=True) for b in self.benchmarks]
@@ -340,10 +370,12 @@ class RetrievalMethod(L.LightningModule):
         n_variants = len(batch["texts"])
         benchmark = self.benchmarks[dataloader_idx]
         query_ids = [f"{benchmark.name}:{benchmark.queries[i].query_id}" for i in batch["index"].tolist()]
+        rule = benchmark.query_rule  # the protocol's composition, if it has one
         feats = 0
         for texts in batch["texts"]:  # caption variants: average of normalised features (FashionIQ)
-            query = {"pixels": batch["pixels"], "texts": texts, "query_ids": query_ids}
-            feats = feats + normalize(self.compose(query))
+            variant = {"pixels": batch["pixels"], "texts": texts, "query_ids": query_ids}
+            query = self.compose(variant) if rule is None else rule(*self.encode_towers(variant))
+            feats = feats + normalize(query)
         self._metrics[dataloader_idx].update("query", batch["index"], normalize(feats / n_variants))
 
     @explains_nonfinite  # a refused compute leaves no metrics and no features: nothing can be written

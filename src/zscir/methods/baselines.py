@@ -45,6 +45,7 @@ class Sum(RetrievalMethod):
     """Query = normalize(text) + w · normalize(image): the late-fusion baseline."""
 
     Config = SumConfig
+    composes_from_towers = True
 
     def compose(self, batch: dict) -> Tensor:
         _, ids = fit_prompts(self.encoder.tokenize, self.cfg.template, batch["texts"])

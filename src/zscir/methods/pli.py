@@ -126,6 +126,7 @@ class PLI(RetrievalMethod):
 
     Config = PLIConfig
     frozen_towers: tuple[str, ...] = ()  # decided per instance by ``tune``
+    composes_from_towers = True
     data_kind = "image_caption"
 
     def __init__(self, backbone: dict, config: dict):

@@ -45,6 +45,28 @@ def fashioniq_recall(query_feats: Tensor, gallery_feats: Tensor, target: Tensor)
     return recall_from_ranks(target_ranks(query_feats, gallery_feats, target), (10, 50))
 
 
+def fashioniq_recall_without_reference(
+    query_feats: Tensor, gallery_feats: Tensor, target: Tensor, reference: Tensor
+) -> dict[str, float]:
+    """FashionIQ recall@{10,50} with each query's reference image removed from its ranking (PLI's
+    protocol, ``evaluators/metric_calculators.py:29``; there the reference's similarity is set to the
+    smallest value of the whole similarity matrix, so it ranks last: removal, short of exact ties).
+
+    Args:
+        query_feats: [Q, D]; gallery_feats: [N, D].
+        target: [Q] gallery index of each query's target; reference: [Q] gallery index of its reference.
+
+    Example:
+        >>> g = torch.eye(12)
+        >>> q = torch.cat([torch.linspace(1.0, 0.5, 11), torch.zeros(1)])[None]  # ranks 0, 1, ..., 11
+        >>> fashioniq_recall_without_reference(q, g, torch.tensor([10]), torch.tensor([0]))["recall@10"]
+        100.0
+        >>> fashioniq_recall(q, g, torch.tensor([10]))["recall@10"]  # the reference counted: rank 10
+        0.0
+    """
+    return recall_from_ranks(target_ranks(query_feats, gallery_feats, target, exclude=reference), (10, 50))
+
+
 def cirr_metrics(
     query_feats: Tensor, gallery_feats: Tensor, target: Tensor, reference: Tensor, subset: Tensor
 ) -> dict[str, float]:

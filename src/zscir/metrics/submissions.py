@@ -67,9 +67,14 @@ def validate_cirr(
         )
 
 
-def validate_circo(submission: dict, queries: Sequence[Query], gallery_ids: Sequence[str]) -> None:
-    """CIRCO server format: exactly the query ids as keys, each with 50 (or all N) unique image ids."""
+def validate_circo(
+    submission: dict, queries: Sequence[Query], gallery_ids: Sequence[str], exclude_reference: bool = False
+) -> None:
+    """CIRCO server format: exactly the query ids as keys, each with 50 (or all N) unique image ids.
+    ``exclude_reference`` (PLI's protocol): no list holds its query's reference (then 50 or N − 1 ids)."""
     gallery = {int(g) for g in gallery_ids}
     _check_keys("circo", submission, (q.query_id for q in queries))
+    n = min(50, len(gallery) - (1 if exclude_reference else 0))
     for q in queries:
-        _check_ranked_list("circo", q.query_id, submission[q.query_id], min(50, len(gallery)), gallery, int)
+        ref = int(q.reference.image_id) if exclude_reference and q.reference is not None else None
+        _check_ranked_list("circo", q.query_id, submission[q.query_id], n, gallery, int, ref)

@@ -4,6 +4,14 @@ A :class:`Benchmark` reads one official on-disk layout and exposes a gallery (:c
 and queries (:class:`Query` list). Every benchmark rule — which gallery, whether the reference is
 removed, which ground truths count, how captions are joined — lives in the benchmark class and in
 ``zscir.metrics``; methods only turn queries into features.
+
+Protocols. ``protocol="official"`` (the default) applies the benchmark's official evaluator, the one every
+side-by-side table uses. ``protocol="pli"`` reproduces the evaluation scripts of the PLI paper (Chen & Lai),
+whose published numbers differ from the official protocol on each benchmark (CIRR caption rewriting,
+CIRCO reference removal, FashionIQ query set / gallery / reference removal, GeneCIS query composition;
+each class's docstring says how). Every metric key of a non-official protocol starts with
+``"<protocol>/"`` (``pli/recall@10``), so such a number can never enter a table of official numbers under
+the same column.
 """
 
 from __future__ import annotations
@@ -70,10 +78,18 @@ class Query:
     candidate_ids: tuple[str, ...] = ()
 
 
+#: evaluation protocols: the official evaluators' (the default) and the PLI paper's own scripts
+PROTOCOLS = ("official", "pli")
+
+
 class Benchmark(ABC):
     """A benchmark split: queries, gallery, scoring and (for test splits) submission files.
 
-    Subclasses fill :attr:`queries` and :attr:`gallery` in ``__init__`` and implement :meth:`score`.
+    Subclasses fill :attr:`queries` and :attr:`gallery` in ``__init__`` and implement :meth:`score`,
+    passing its result through :meth:`keyed`.
+
+    Raises:
+        ValueError: ``protocol`` is not one of :attr:`protocols`.
     """
 
     #: loader family, e.g. ``"cirr"``
@@ -84,16 +100,41 @@ class Benchmark(ABC):
     submission_splits: tuple[str, ...] = ()
     #: bumped when the loader's image rules change (crops, ids), so cached gallery features are not reused
     version: int = 1
+    #: the protocols this benchmark implements (:data:`PROTOCOLS`)
+    protocols: tuple[str, ...] = ("official",)
+    #: whether the query features themselves depend on the protocol (captions, query set, composition):
+    #: then a features file is only re-scored under the protocol it was computed with
+    queries_depend_on_protocol: bool = True
+    #: a protocol rule that builds every query itself, ``rule(image [B, D], text [B, D]) -> [B, D]`` from
+    #: the method's *unnormalised* image and text tower features, instead of the method's ``compose``
+    #: (``RetrievalMethod.encode_towers``); None: the method composes its queries
+    query_rule: Callable[[Tensor, Tensor], Tensor] | None = None
 
-    def __init__(self, root: str | Path, split: str, name: str | None = None):
+    def __init__(self, root: str | Path, split: str, name: str | None = None, protocol: str = "official"):
+        if protocol not in self.protocols:
+            raise ValueError(
+                f"{type(self).__name__} implements the protocol(s) {self.protocols}, got {protocol!r}"
+                + ("" if protocol in PROTOCOLS else f" (known protocols: {PROTOCOLS})")
+            )
         self.root = Path(root).expanduser()
         self.split = split
         self.name = name or self.kind
+        self.protocol = protocol
+        self.metric_names = tuple(self.metric_key(m) for m in self.metric_names)
         self.queries: list[Query] = []
         self.gallery: list[ImageRef] = []
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, queries={len(self.queries)}, gallery={len(self.gallery)})"
+        protocol = "" if self.protocol == "official" else f", protocol={self.protocol!r}"
+        return f"{type(self).__name__}(name={self.name!r}, split={self.split!r}{protocol}, queries={len(self.queries)}, gallery={len(self.gallery)})"
+
+    def metric_key(self, name: str) -> str:
+        """A metric's key under this benchmark's protocol: ``name`` (official) or ``"<protocol>/name"``."""
+        return name if self.protocol == "official" else f"{self.protocol}/{name}"
+
+    def keyed(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``metrics`` with every key passed through :meth:`metric_key`."""
+        return {self.metric_key(k): v for k, v in metrics.items()}
 
     @property
     def labelled(self) -> bool:
@@ -132,17 +173,41 @@ class Benchmark(ABC):
     # ---- features.npz ------------------------------------------------------------------------
     def feature_arrays(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, np.ndarray]:
         """The content of ``features.npz``: ``query_ids`` [Q] str, ``query_feats`` [Q, D],
-        ``gallery_ids`` [N] str, ``gallery_feats`` [N, D] (features as given, not normalised)."""
+        ``gallery_ids`` [N] str, ``gallery_feats`` [N, D] (features as given, not normalised), and
+        under a non-official protocol ``protocol`` (a 0-d str array)."""
         return {
             "query_ids": np.array([q.query_id for q in self.queries], dtype=str),
             "query_feats": query_feats.detach().float().cpu().numpy(),
             "gallery_ids": np.array([g.image_id for g in self.gallery], dtype=str),
             "gallery_feats": gallery_feats.detach().float().cpu().numpy(),
+            **self.protocol_array(),
         }
+
+    def protocol_array(self) -> dict[str, np.ndarray]:
+        """``{"protocol": 0-d str array}`` for a non-official protocol; nothing for the official one
+        (files without the entry are official, as every file written before protocols existed)."""
+        return {} if self.protocol == "official" else {"protocol": np.array(self.protocol)}
+
+    def check_protocol(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Refuse query features computed under another protocol when the queries depend on it.
+
+        Raises:
+            ValueError: the file's ``protocol`` differs from :attr:`protocol` and
+                :attr:`queries_depend_on_protocol`.
+        """
+        saved = str(np.asarray(arrays["protocol"])) if "protocol" in arrays else "official"
+        if saved != self.protocol and self.queries_depend_on_protocol:
+            raise ValueError(
+                f"{self.name}: the query features were computed under protocol {saved!r}, but this benchmark "
+                f"scores protocol {self.protocol!r}, whose queries differ; score them under {saved!r}, or "
+                f"evaluate the model again with benchmark.protocol={self.protocol}"
+            )
 
     def features_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> tuple[Tensor, Tensor]:
         """(query, gallery) features from ``features.npz`` arrays, re-ordered to :attr:`queries` and
-        :attr:`gallery` by id. Every id must be present exactly once; none may be foreign."""
+        :attr:`gallery` by id. Every id must be present exactly once; none may be foreign; the file's
+        protocol must fit (:meth:`check_protocol`)."""
+        self.check_protocol(arrays)
         queries = align_by_ids(
             arrays, "query", [q.query_id for q in self.queries], self.name, self.canonical_id
         )
@@ -183,6 +248,20 @@ def gallery_files_digest(refs: Sequence[ImageRef]) -> str:
                 stamps[ref.path] = None
         digest.update(repr((str(ref.path), ref.span, ref.box, stamps[ref.path])).encode())
     return digest.hexdigest()
+
+
+def pli_caption(text: str) -> str:
+    """A caption as PLI's evaluation feeds it to the text encoder (PLI ``data/cirr.py:12-13`` and
+    ``data/fashionIQ.py:53-54``): whitespace stripped at both ends, then every ``.`` replaced by
+    ``dotmark``, ``?`` by ``questionmark``, ``&`` by ``andmark`` and ``*`` by ``starmark``, with no
+    spaces added (``"is red. & blue?"`` -> ``"is reddotmark andmark bluequestionmark"``)."""
+    return (
+        text.strip()
+        .replace(".", "dotmark")
+        .replace("?", "questionmark")
+        .replace("&", "andmark")
+        .replace("*", "starmark")
+    )
 
 
 def ids_from_array(values: np.ndarray | Sequence) -> list[str]:

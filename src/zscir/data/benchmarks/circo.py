@@ -8,6 +8,13 @@ Rules (``shared/reference/benchmarks.md`` §3, the official ``src/evaluation.py`
 whole index in file order, the reference is NOT removed, every ``gt_img_ids`` entry is a positive;
 mAP@k normalises by min(k, len(gt_img_ids)); recall@k counts only ``target_img_id``. Query ids must equal
 their position in the annotation file (the official evaluator looks queries up by position).
+
+``protocol="pli"`` (PLI's ``circo_test_submission.py``, which produced its published CIRCO numbers): the
+query's reference image is removed from the ranking (its similarity set to −inf before the top 50), in
+scores and in the submission file (``circo_<split>_pli.json``); metric keys start with ``pli/``. The
+query features are the same under both protocols, so one features file is scored under either. (PLI's
+``circo_val_submission.py`` keeps the reference; the val numbers here follow the test script, the one
+behind the published numbers.)
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from zscir.data.benchmarks.base import (
@@ -54,9 +62,14 @@ class CIRCO(Benchmark):
     kind = "circo"
     metric_names = ("map@5", "map@10", "map@25", "map@50", "recall@5", "recall@10", "recall@25", "recall@50")
     submission_splits = ("test",)
+    protocols = ("official", "pli")
+    queries_depend_on_protocol = False  # only the ranking rule differs
 
-    def __init__(self, root: str | Path, split: str = "val", name: str | None = None):
-        super().__init__(root, split, name)
+    def __init__(
+        self, root: str | Path, split: str = "val", name: str | None = None, protocol: str = "official"
+    ):
+        super().__init__(root, split, name, protocol)
+        self.excludes_reference = protocol == "pli"  # PLI removes the reference (scores and retrieval grids)
         if split not in SPLITS:
             raise ValueError(f"CIRCO split must be one of {SPLITS}, got {split!r}")
         ann = f"annotations/{split}.json"
@@ -120,6 +133,14 @@ class CIRCO(Benchmark):
     def canonical_id(value: str) -> str:
         return str(int(value)) if value.strip().isdigit() else value
 
+    def _top50(self, query_feats: Tensor, gallery_feats: Tensor) -> Tensor:
+        """[Q, 50] gallery indices, best first; the reference left out under ``protocol="pli"``."""
+        exclude = None
+        if self.excludes_reference:
+            index = self.gallery_index()
+            exclude = torch.tensor([index[q.reference.image_id] for q in self.queries], dtype=torch.long)
+        return topk_search(query_feats, gallery_feats, 50, exclude=exclude)[0]
+
     def score(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, float]:
         if not self.labelled:
             raise ValueError(
@@ -127,7 +148,7 @@ class CIRCO(Benchmark):
             )
         index = self.gallery_index()
         positives = [[index[g] for g in q.target_ids] for q in self.queries]
-        ranked, _ = topk_search(query_feats, gallery_feats, 50)
+        ranked = self._top50(query_feats, gallery_feats)
         out = circo_metrics_from_ranking(ranked, positives)
         # the official evaluator's semantic mAP@10: mean AP@10 over the queries tagged with each aspect
         ap10 = average_precision_at_k(ranked.cpu(), positives, 10)
@@ -137,12 +158,14 @@ class CIRCO(Benchmark):
                 by_aspect[aspect].append(ap)
         for aspect in sorted(by_aspect):
             out[f"semantic_map@10/{aspect}"] = 100.0 * sum(by_aspect[aspect]) / len(by_aspect[aspect])
-        return out
+        return self.keyed(out)
 
     def submission(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, object]:
-        """``circo_<split>.json``: ``{"<query id>": [50 image ids (int)]}``, validated."""
-        top, _ = topk_search(query_feats, gallery_feats, 50)
+        """``circo_<split>.json`` (``circo_<split>_pli.json`` under ``protocol="pli"``):
+        ``{"<query id>": [50 image ids (int)]}``, validated."""
+        top = self._top50(query_feats, gallery_feats)
         ids = [int(r.image_id) for r in self.gallery]
         sub = {q.query_id: [ids[j] for j in top[i].tolist()] for i, q in enumerate(self.queries)}
-        validate_circo(sub, self.queries, [r.image_id for r in self.gallery])
-        return {f"circo_{self.split}.json": sub}
+        pli = self.protocol == "pli"
+        validate_circo(sub, self.queries, [r.image_id for r in self.gallery], exclude_reference=pli)
+        return {f"circo_{self.split}{'_pli' if pli else ''}.json": sub}

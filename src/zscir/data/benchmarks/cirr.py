@@ -11,6 +11,11 @@ Rules (``shared/reference/benchmarks.md`` §2): gallery = every image of ``split
 the query's reference; the positive is ``target_hard``; the subset is ``img_set.members`` minus the
 reference, ranked in the order of the reference-free global ranking. ``test1`` has no targets: it
 writes the two server files instead.
+
+``protocol="pli"`` (PLI's ``data/cirr.py`` and ``cirr_test_submission.py``): the same gallery, reference
+removal and ranking rules, but each caption is rewritten by :func:`~zscir.data.benchmarks.base.pli_caption`
+(``.`` -> ``dotmark``, ...) before the method sees it. Metric keys start with ``pli/`` and the server
+files are named ``cirr_<split>_pli_recall.json`` / ``cirr_<split>_pli_recall_subset.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from zscir.data.benchmarks.base import (
     DatasetLayoutError,
     ImageRef,
     Query,
+    pli_caption,
     read_json,
     require_keys,
 )
@@ -53,9 +59,12 @@ class CIRR(Benchmark):
         "recall_subset@3",
     )
     submission_splits = ("test1",)
+    protocols = ("official", "pli")
 
-    def __init__(self, root: str | Path, split: str = "val", name: str | None = None):
-        super().__init__(root, split, name)
+    def __init__(
+        self, root: str | Path, split: str = "val", name: str | None = None, protocol: str = "official"
+    ):
+        super().__init__(root, split, name, protocol)
         if split not in SPLITS:
             hint = " (CIRR's test split is called 'test1')" if split == "test" else ""
             raise ValueError(f"CIRR split must be one of {SPLITS}, got {split!r}{hint}")
@@ -103,7 +112,7 @@ class CIRR(Benchmark):
         return Query(
             query_id=str(pair),
             reference=self.gallery[index[ref]],
-            texts=(rec["caption"],),
+            texts=(pli_caption(rec["caption"]) if self.protocol == "pli" else rec["caption"],),
             target_ids=targets,
             subset_ids=subset,
         )
@@ -154,11 +163,12 @@ class CIRR(Benchmark):
         index = self.gallery_index()
         target = torch.tensor([index[q.target_ids[0]] for q in self.queries], dtype=torch.long)
         reference, subset = self._indices()
-        return cirr_metrics(query_feats, gallery_feats, target, reference, subset)
+        return self.keyed(cirr_metrics(query_feats, gallery_feats, target, reference, subset))
 
     def submission(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, object]:
         """``cirr_<split>_recall.json`` (top-50 names, reference excluded) and
-        ``cirr_<split>_recall_subset.json`` (top-3 of the subset), validated."""
+        ``cirr_<split>_recall_subset.json`` (top-3 of the subset), validated; ``cirr_<split>_pli_...``
+        under ``protocol="pli"``."""
         reference, subset = self._indices()
         top, _ = topk_search(query_feats, gallery_feats, 50, exclude=reference)
         names = [r.image_id for r in self.gallery]
@@ -169,7 +179,5 @@ class CIRR(Benchmark):
             recall[query.query_id] = [names[j] for j in top[i].tolist()]
             recall_subset[query.query_id] = [names[j] for j in top_subset[i].tolist() if j >= 0]
         validate_cirr(recall, recall_subset, self.queries, names)
-        return {
-            f"cirr_{self.split}_recall.json": recall,
-            f"cirr_{self.split}_recall_subset.json": recall_subset,
-        }
+        stem = f"cirr_{self.split}" + ("" if self.protocol == "official" else f"_{self.protocol}")
+        return {f"{stem}_recall.json": recall, f"{stem}_recall_subset.json": recall_subset}

@@ -13,6 +13,19 @@ normalised, averaged and renormalised; recall@10/50 per category. ``category="al
 categories separately (``dress/recall@10``, ...) and reports their unweighted mean as ``recall@10`` /
 ``recall@50`` — the "average" of papers, never a recall pooled over all queries. Query ids are the
 triplet's index in ``cap.<category>.<split>.json`` (``<category>/<index>`` with ``category="all"``).
+
+``protocol="pli"`` reproduces PLI's evaluation (its ``data/fashionIQ.py`` and
+``evaluators/metric_calculators.py``, the CoSMo "VAL" protocol), which differs in every rule:
+
+* queries come from PLI's own lists ``ROOT/captions_pairs/fashion_iq-<split>-cap-<category>.txt`` (shipped
+  in the PLI repository; one ``<cat>/<ref>.jpg;<cat>/<target>.jpg;<caption>`` line per caption, two lines
+  per triplet, a subset of the official triplets). Each line is its own query (id: the line's index);
+  its text is ``caps[i] + " and " + caps[i ± 1]`` (the other line of its pair: ``i + 1`` for even ``i``)
+  from the raw captions, then :func:`~zscir.data.benchmarks.base.pli_caption` (``.`` -> ``dotmark``, ...);
+* the gallery of a category is only the images named in its list (references and targets);
+* the reference image is removed from its query's ranking.
+
+Recall@10/50 per category and their mean as above; keys start with ``pli/``.
 """
 
 from __future__ import annotations
@@ -29,16 +42,18 @@ from torch import Tensor
 from zscir.data.benchmarks.base import (
     AnnotationError,
     Benchmark,
+    DatasetLayoutError,
     ImageLoadError,
     ImageRef,
     Query,
     check_root,
     ids_from_array,
     load_rgb,
+    pli_caption,
     read_json,
     require_keys,
 )
-from zscir.metrics.functional import fashioniq_recall
+from zscir.metrics.functional import fashioniq_recall, fashioniq_recall_without_reference
 
 OBTAIN = (
     "FashionIQ annotations: https://github.com/XiaoxiaoGuo/fashion-iq (captions/, image_splits/); images: "
@@ -46,6 +61,10 @@ OBTAIN = (
     "images/<asin>.png or images/<asin>.jpg."
 )
 CATEGORIES = ("dress", "shirt", "toptee")
+OBTAIN_PLI = (
+    "PLI's FashionIQ query lists: the PLI repository (https://github.com/Chen-Junyang-cn/PLI) ships them in "
+    "data/fashionIQ/captions_pairs/; copy them to ROOT/captions_pairs/."
+)
 SPLITS = ("train", "val", "test")
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -56,13 +75,26 @@ def join_captions(first: str, second: str) -> str:
     return f"{first.strip('.?, ')} and {second.strip('.?, ')}"
 
 
+def pli_pairs_file(split: str, category: str) -> str:
+    """Where PLI's query list of a category lies below the FashionIQ root."""
+    return f"captions_pairs/fashion_iq-{split}-cap-{category}.txt"
+
+
 class FashionIQ(Benchmark):
     kind = "fashioniq"
+    protocols = ("official", "pli")
 
     def __init__(
-        self, root: str | Path, split: str = "val", name: str | None = None, category: str | None = "all"
+        self,
+        root: str | Path,
+        split: str = "val",
+        name: str | None = None,
+        category: str | None = "all",
+        protocol: str = "official",
     ):
-        super().__init__(root, split, name)
+        super().__init__(root, split, name, protocol)
+        pli = protocol == "pli"
+        self.excludes_reference = pli  # PLI removes the reference (scores and retrieval grids)
         category = category or "all"
         if split not in SPLITS:
             raise ValueError(f"FashionIQ split must be one of {SPLITS}, got {split!r}")
@@ -75,9 +107,13 @@ class FashionIQ(Benchmark):
             [
                 f
                 for c in self.categories
-                for f in (f"captions/cap.{c}.{split}.json", f"image_splits/split.{c}.{split}.json")
+                for f in (
+                    (pli_pairs_file(split, c),)
+                    if pli
+                    else (f"captions/cap.{c}.{split}.json", f"image_splits/split.{c}.{split}.json")
+                )
             ],
-            OBTAIN,
+            OBTAIN_PLI if pli else OBTAIN,
             "FashionIQ",
             optional=["images/"],
         )
@@ -87,20 +123,30 @@ class FashionIQ(Benchmark):
         self.parts: dict[str, tuple[int, int, list[int]]] = {}
         index: dict[str, int] = {}
         for cat in self.categories:
-            names = self.split_list(self.root, split, cat)
+            if pli:  # PLI's gallery: the images its query list names, in order of first appearance
+                pairs = self.pli_pairs(self.root, split, cat)
+                names = list(dict.fromkeys(a for ref, target, _ in pairs for a in (ref, target)))
+            else:
+                names = self.split_list(self.root, split, cat)
             for asin in names:  # shirt and toptee share asins: one gallery entry (and feature) each
                 if asin not in index:
                     index[asin] = len(self.gallery)
                     self.gallery.append(ImageRef(asin, self.image_dir / f"{asin}{self.extension}"))
             first = len(self.queries)
-            self._read_triplets(cat, set(names))
+            if pli:
+                self._pli_queries(cat, pairs)
+            else:
+                self._read_triplets(cat, set(names))
             self.parts[cat] = (first, len(self.queries) - first, [index[a] for a in names])
         if len({bool(q.target_ids) for q in self.queries}) > 1:
             raise AnnotationError(f"FashionIQ {split}: some triplets have a target and some do not")
-        self.metric_names = (
-            ("recall@10", "recall@50")
-            if category != "all"
-            else (*(f"{c}/recall@{k}" for c in CATEGORIES for k in (10, 50)), "recall@10", "recall@50")
+        self.metric_names = tuple(
+            self.metric_key(m)
+            for m in (
+                ("recall@10", "recall@50")
+                if category != "all"
+                else (*(f"{c}/recall@{k}" for c in CATEGORIES for k in (10, 50)), "recall@10", "recall@50")
+            )
         )
 
     @staticmethod
@@ -114,13 +160,72 @@ class FashionIQ(Benchmark):
             raise AnnotationError(f"{where}: an image is listed twice")
         return names
 
+    @staticmethod
+    def pli_pairs(root: Path, split: str, category: str) -> list[tuple[str, str, str]]:
+        """PLI's query list of one category: ``(reference asin, target asin, caption)`` per line of
+        ``captions_pairs/fashion_iq-<split>-cap-<category>.txt``, read as PLI's ``data/fashionIQ.py:88-91``
+        does: the asins are the file stems of the first two ``;`` fields, the caption is the last field
+        with only the line break removed (PLI's files end every caption with a space, which is kept).
+
+        Raises:
+            DatasetLayoutError: the file is missing.
+            AnnotationError: a line has fewer than three fields, a reference is its own target, or the
+                line count is odd (PLI joins line ``2i`` with ``2i + 1``).
+        """
+        where = pli_pairs_file(split, category)
+        path = Path(root) / where
+        if not path.is_file():
+            raise DatasetLayoutError(f"missing PLI FashionIQ query list: {path}\n{OBTAIN_PLI}")
+        with open(path, encoding="utf-8") as f:  # readlines: the line breaks PLI's reader sees
+            lines = f.readlines()
+        pairs = []
+        for n, line in enumerate(lines, 1):
+            fields = line.strip().split(";")
+            if len(fields) < 3:
+                raise AnnotationError(
+                    f"{where}:{n}: expected '<ref path>;<target path>;<caption>', got {line!r}"
+                )
+            ref, target = (field.split("/")[-1].split(".")[0] for field in fields[:2])
+            if ref == target:
+                raise AnnotationError(f"{where}:{n}: the reference {ref} is its own target")
+            pairs.append((ref, target, line.strip("\n").split(";")[-1]))
+        if len(pairs) % 2:
+            raise AnnotationError(
+                f"{where}: {len(pairs)} lines; PLI joins line 2i with line 2i + 1 (a triplet's two captions), "
+                "so the count must be even"
+            )
+        return pairs
+
+    def _pli_queries(self, cat: str, pairs: list[tuple[str, str, str]]) -> None:
+        """One query per line: its caption joined with the other caption of its pair (PLI
+        ``data/fashionIQ.py:41-54``), the other way round on the pair's second line."""
+        captions = [c for _, _, c in pairs]
+        for i, (ref, target, caption) in enumerate(pairs):
+            other = captions[i + 1] if i % 2 == 0 else captions[i - 1]
+            self.queries.append(
+                Query(
+                    query_id=str(i) if self.category != "all" else f"{cat}/{i}",
+                    reference=ImageRef(ref, self.image_dir / f"{ref}{self.extension}"),
+                    texts=(pli_caption(caption + " and " + other),),
+                    target_ids=(target,),
+                )
+            )
+
     @classmethod
-    def infer_category(cls, root: str | Path, split: str, gallery_ids: object) -> str:
-        """The category whose split list holds exactly ``gallery_ids`` (for re-scoring a features file
-        without ``--category``); ``"all"`` when none matches on its own."""
+    def infer_category(
+        cls, root: str | Path, split: str, gallery_ids: object, protocol: str = "official"
+    ) -> str:
+        """The category whose gallery (split list; under ``protocol="pli"`` the images of PLI's query
+        list) holds exactly ``gallery_ids`` (for re-scoring a features file without ``--category``);
+        ``"all"`` when none matches on its own."""
         ids = set(ids_from_array(gallery_ids))
         for cat in CATEGORIES:
-            if (Path(root) / f"image_splits/split.{cat}.{split}.json").is_file() and ids == set(
+            if protocol == "pli":
+                if (Path(root) / pli_pairs_file(split, cat)).is_file() and ids == {
+                    a for ref, target, _ in cls.pli_pairs(Path(root), split, cat) for a in (ref, target)
+                }:
+                    return cat
+            elif (Path(root) / f"image_splits/split.{cat}.{split}.json").is_file() and ids == set(
                 cls.split_list(Path(root), split, cat)
             ):
                 return cat
@@ -197,14 +302,18 @@ class FashionIQ(Benchmark):
         out: dict[str, float] = {}
         for cat, (first, count, positions) in self.parts.items():
             local = {self.gallery[p].image_id: j for j, p in enumerate(positions)}
-            target = torch.tensor([local[q.target_ids[0]] for q in self.queries[first : first + count]])
-            metrics = fashioniq_recall(
-                query_feats[first : first + count], gallery_feats[torch.tensor(positions)], target
-            )
+            queries = self.queries[first : first + count]
+            target = torch.tensor([local[q.target_ids[0]] for q in queries])
+            feats = query_feats[first : first + count], gallery_feats[torch.tensor(positions)]
+            if self.excludes_reference:  # PLI: the reference removed from its own ranking
+                reference = torch.tensor([local[q.reference.image_id] for q in queries])
+                metrics = fashioniq_recall_without_reference(*feats, target, reference)
+            else:
+                metrics = fashioniq_recall(*feats, target)
             out.update(metrics if self.category != "all" else {f"{cat}/{k}": v for k, v in metrics.items()})
         if self.category == "all":
             for k in (10, 50):  # the papers' average: the unweighted mean over categories, never pooled
                 out[f"recall@{k}"] = sum(out[f"{c}/recall@{k}"] for c in self.categories) / len(
                     self.categories
                 )
-        return out
+        return self.keyed(out)

@@ -18,6 +18,14 @@ the tie counts for the target. Attribute images are crops: the box is dilated by
 left and top only (``right = left + 1.7 w``, clamped to the image), cropped with Pillow's rounding, and
 padded to a square with black, the crop centred. One Visual Genome image yields several crops, so a
 crop's id is ``<image_id>:<x>,<y>,<w>,<h>`` (the box as floats, e.g. ``2373241:10.0,8.5,12.0,10.0``).
+
+``protocol="pli"`` (PLI's ``genecis_eval.py``): the same templates, candidates and recall, but the query
+is not the method's composition: it is :func:`pli_query`, ``normalize(0.5 · f_img(ref) + 0.5 · f_txt(cond))``
+on the *unnormalised* tower features (PLI's inference weight is ignored there). Because that is a rule of
+the protocol, not of a method, it lives here as :attr:`query_rule`; the evaluation loop applies it to the
+raw tower features the method hands over (``RetrievalMethod.encode_towers``), and refuses methods whose
+query is not built from their towers. PLI's image-only switch (``img_weight > 1``) is not reproduced
+(evaluate ``method=image_only`` for that). Metric keys start with ``pli/``.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from zscir.data.benchmarks.base import (
     require_keys,
 )
 from zscir.metrics.functional import genecis_recall
-from zscir.retrieval.search import check_finite
+from zscir.retrieval.search import check_finite, normalize
 
 OBTAIN = (
     "GeneCIS templates: https://github.com/facebookresearch/genecis (genecis/*.json); images: Visual Genome 1.2 "
@@ -76,6 +84,20 @@ def expand_to_square(image: Image.Image) -> Image.Image:
     return out
 
 
+def pli_query(image: Tensor, text: Tensor) -> Tensor:
+    """PLI's GeneCIS query (``genecis_eval.py:110-116``, compositor ``None``):
+    ``normalize(0.5 · image + 0.5 · text)`` of the *unnormalised* tower features, in float32.
+
+    Args:
+        image: [B, D] reference-image features as the image tower outputs them.
+        text: [B, D] condition-text features as the text tower outputs them.
+
+    Returns:
+        [B, D] L2-normalised queries. The larger-norm feature dominates: the two are not normalised first.
+    """
+    return normalize(0.5 * image.float() + 0.5 * text.float())
+
+
 def crop_instance(image: Image.Image, bbox: Sequence[float]) -> Image.Image:
     """A VAW instance as GeneCIS shows it: dilated crop (Pillow rounds the float box) padded to a square."""
     return expand_to_square(image.crop(dilated_box(bbox, *image.size)))
@@ -84,6 +106,7 @@ def crop_instance(image: Image.Image, bbox: Sequence[float]) -> Image.Image:
 class GeneCIS(Benchmark):
     kind = "genecis"
     metric_names = ("recall@1", "recall@2", "recall@3")
+    protocols = ("official", "pli")
 
     def __init__(
         self,
@@ -93,8 +116,11 @@ class GeneCIS(Benchmark):
         task: str | None = None,
         vg_dir: str | None = None,
         coco_dir: str | None = None,
+        protocol: str = "official",
     ):
-        super().__init__(root, split, name)
+        super().__init__(root, split, name, protocol)
+        if protocol == "pli":
+            self.query_rule = pli_query
         if split not in SPLITS:
             raise ValueError(f"GeneCIS has one evaluation set; split must be one of {SPLITS}, got {split!r}")
         if task not in TASKS:
@@ -173,11 +199,12 @@ class GeneCIS(Benchmark):
 
     def score(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, float]:
         cand = self._candidate_index()
-        return genecis_recall(query_feats, gallery_feats[cand.clamp(min=0)], cand >= 0)
+        return self.keyed(genecis_recall(query_feats, gallery_feats[cand.clamp(min=0)], cand >= 0))
 
     def feature_arrays(self, query_feats: Tensor, gallery_feats: Tensor) -> dict[str, np.ndarray]:
         """``query_ids`` [Q], ``query_feats`` [Q, D], ``candidate_ids`` [Q, C] ("" pads shorter rows) and
-        ``candidate_feats`` [Q, C, D] (zeros there), candidate 0 = the target."""
+        ``candidate_feats`` [Q, C, D] (zeros there), candidate 0 = the target; ``protocol`` when not
+        official."""
         cand = self._candidate_index()
         feats = gallery_feats.detach().float().cpu()[cand.clamp(min=0)]
         feats[cand < 0] = 0
@@ -189,11 +216,13 @@ class GeneCIS(Benchmark):
             "query_feats": query_feats.detach().float().cpu().numpy(),
             "candidate_ids": ids.astype(str),
             "candidate_feats": feats.numpy(),
+            **self.protocol_array(),
         }
 
     def score_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Recall from ``query_feats`` and ``candidate_feats`` (index 0 = target), checked against the
         templates: one row per template (in ``query_ids`` order when given), each with its candidates."""
+        self.check_protocol(arrays)
         missing = [k for k in ("query_feats", "candidate_feats") if k not in arrays]
         if missing:
             raise ValueError(f"{self.name}: the features file has no {missing} (it has {sorted(arrays)})")
@@ -226,8 +255,10 @@ class GeneCIS(Benchmark):
         check_finite(queries, f"{self.name} query", [q.query_id for q in self.queries])
         names = [f"{q.query_id}/{c}" for q in self.queries for c in q.candidate_ids]  # template/candidate
         check_finite(cands[valid], f"{self.name} candidate", names)
-        return genecis_recall(
-            torch.from_numpy(queries).float(), torch.from_numpy(cands).float(), torch.from_numpy(valid)
+        return self.keyed(
+            genecis_recall(
+                torch.from_numpy(queries).float(), torch.from_numpy(cands).float(), torch.from_numpy(valid)
+            )
         )
 
     def _check_candidates(self, q: Query, given: list[str]) -> None:

@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace metrics.json / submission files already in --out"
+    )
+    parser.add_argument(
         "--protocol",
         default="official",
         choices=PROTOCOLS,

@@ -164,7 +164,7 @@ def check_monitor(monitor: str | None, benchmarks: list[Benchmark]) -> None:
     """
     if not monitor or not monitor.startswith("val/"):
         return
-    _, name, metric = (monitor.split("/", 2) + ["", ""])[:3]
+    _, name, metric = [*monitor.split("/", 2), "", ""][:3]
     by_name = {b.name: b for b in benchmarks}
     if name not in by_name:
         raise ValueError(

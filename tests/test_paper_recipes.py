@@ -4,10 +4,12 @@ the target benchmark, evaluated after every epoch) and precision (fp32), the sta
 
 import csv
 import json
+import re
 
 import pytest
 import torch
 from experiments.pli_corpora import convert
+from omegaconf import OmegaConf
 
 from zscir.cli.common import CONF_DIR, benchmark_configs, validate_config
 from zscir.cli.train import train
@@ -156,3 +158,52 @@ def test_pli_corpora_become_jsonl_with_one_sample_per_caption(tmp_path):
         assert [(s.image.path, s.caption) for s in samples] == [(data / i, c) for i, c in pairs]
     with pytest.raises(ValueError, match="corpus must be one of"):
         convert("laion", data)
+
+
+# ---- honest labels ---------------------------------------------------------------------------------
+#: every result quoted in conf/experiment/, with where it is published
+PUBLISHED_TEXT = {
+    # PLI, arXiv 2311.07622: Tables 1 (FashionIQ, CLIP), 2 (CIRR test, CLIP), 3 (CIRCO test, CLIP),
+    # 4 (FashionIQ, BLIP), 5 (CIRR test, BLIP), §4.3.4 (CIRCO test, BLIP)
+    "pli": """31.31 53.24 18.80 46.07 60.75 86.41 44.29 68.10 83.42 8.14 8.90 10.12 10.75
+              35.39 57.44 25.52 54.58 67.59 88.70 55.64 77.54 89.47 10.36 11.63 12.95 13.67
+              35.88 57.08 27.23 58.87 71.40 91.25 55.13 77.42 89.11 7.09 8.03 9.21 9.86""",
+    # Zhang et al., arXiv 2406.18836, key results: CIRR R@1/R@5 and the gains over the previous best,
+    # FashionIQ R@10/R@50
+    "cam_ti": "26.1 55.2 2.2 2.7 23.3 39.5",
+    # LinCIR's public result listing: CIRR test R@1, CIRR subset test R@1, CIRCO test mAP@10, GeneCIS R@1
+    "lincir": "35.25 63.35 21.01 12.45",
+}
+PUBLISHED = {method: set(numbers.split()) for method, numbers in PUBLISHED_TEXT.items()}
+
+
+def quoted_numbers(text: str) -> set[str]:
+    """Decimal numbers >= 1 in the comments of a YAML file, except section signs (§4.1) and sizes (GB)."""
+    found = set()
+    for line in text.splitlines():
+        comment = line[line.index("#") :] if "#" in line else ""
+        for m in re.finditer(r"(?<![§\d.])(\d{1,3}\.\d{1,2})(?!\d|\.\d| GB)", comment):
+            if float(m.group(1)) >= 1:
+                found.add(m.group(1))
+    return found
+
+
+@pytest.mark.parametrize("method", sorted(PUBLISHED))
+def test_every_number_in_the_experiment_files_is_published(method):
+    files = sorted((CONF_DIR / "experiment").glob(f"{method}_*.yaml"))
+    assert files
+    for file in files:
+        unsourced = quoted_numbers(file.read_text()) - PUBLISHED[method]
+        assert not unsourced, f"{file.name} quotes {sorted(unsourced)}, found in no paper or official README"
+
+
+def test_cam_ti_tau_sweep_has_a_variant_that_hides_the_nouns_region(compose):
+    background = compose("train", ["experiment=cam_ti_clip_l14_cc3m_tau_sweep"])
+    hidden = compose("train", ["experiment=cam_ti_clip_l14_cc3m_tau_sweep_object"])
+    validate_config(hidden, "train")
+    assert background.method.mask_region == "background"
+    assert hidden.method.mask_region == "object"
+    sweep = OmegaConf.load(CONF_DIR / "experiment" / "cam_ti_clip_l14_cc3m_tau_sweep.yaml")
+    assert sweep.hydra.sweeper.params["method.tau"] == "0.2,0.3,0.4"
+    variant = OmegaConf.load(CONF_DIR / "experiment" / "cam_ti_clip_l14_cc3m_tau_sweep_object.yaml")
+    assert "cam_ti_clip_l14_cc3m_tau_sweep" in variant.defaults  # the same multirun over tau

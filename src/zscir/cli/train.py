@@ -47,6 +47,7 @@ from zscir.cli.common import (
     write_run_info,
 )
 from zscir.cli.tracking import Throughput, finish_wandb, log_wandb_summary, mark_latest_sweep
+from zscir.data.benchmarks.base import Benchmark
 from zscir.data.loaders import DataConfig, build_train_loader
 from zscir.methods import RetrievalMethod, build_method
 from zscir.retrieval.cache import GalleryCache
@@ -71,6 +72,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     method = build_method(plain(cfg.backbone), plain(cfg.method))
     benchmarks = build_benchmarks(benchmark_configs(cfg))
+    if method.trains:
+        check_monitor(cfg.checkpoint.monitor, benchmarks)
     method.attach_benchmarks(
         benchmarks,
         batch_size=cfg.eval.batch_size,
@@ -146,6 +149,38 @@ def _fit_and_test(
         write_run_info(run_dir, cfg, "train", metrics, evaluated)
         print_metrics(f"{cfg.get('label') or cfg.method.name} ({cfg.backbone.name}) -> {run_dir}", metrics)
     return metrics
+
+
+def check_monitor(monitor: str | None, benchmarks: list[Benchmark]) -> None:
+    """Refuse, before any training, a ``checkpoint.monitor`` that the per-epoch validation never logs.
+
+    A selection metric ``val/<benchmark>/<metric>`` must belong to a benchmark of ``eval_benchmarks`` (the
+    benchmarks validated after every epoch), on a split with ground truth, and be one of its metrics.
+    Lightning itself notices a missing metric only when the first epoch ends. Other monitors (e.g.
+    ``train/loss``) are not checked.
+
+    Raises:
+        ValueError: naming the monitor, the benchmarks this run evaluates and what to change.
+    """
+    if not monitor or not monitor.startswith("val/"):
+        return
+    _, name, metric = [*monitor.split("/", 2), "", ""][:3]
+    by_name = {b.name: b for b in benchmarks}
+    if name not in by_name:
+        raise ValueError(
+            f"checkpoint.monitor={monitor!r} selects on benchmark {name!r}, which this run does not validate "
+            f"(eval_benchmarks: {sorted(by_name) or 'none'}); add {name} to eval_benchmarks or monitor one of those"
+        )
+    bench = by_name[name]
+    if not bench.labelled:
+        raise ValueError(
+            f"checkpoint.monitor={monitor!r}: {name} is evaluated on split {bench.split!r}, which has no ground "
+            f"truth; select on a labelled split ({name}.split=val)"
+        )
+    if bench.metric_names and metric not in bench.metric_names:
+        raise ValueError(
+            f"checkpoint.monitor={monitor!r}: {name} logs no metric {metric!r}; its metrics: {list(bench.metric_names)}"
+        )
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:

@@ -53,8 +53,10 @@ OPENAI_CLIP_VIT_L14 = dict(
         projection_dim=768,
     ),
 )
-#: scaled up from the library's init so that different inputs give clearly different features
-SCALED = ("fc1.weight", "q_proj.weight", "k_proj.weight", "patch_embedding.weight")
+#: transformers initialises q/k with std width^-0.5 x (2 x layers)^-0.5, ~7x below OpenAI's init: attention
+#: is then near uniform and noise images all pool to the same feature (cosine 0.999). Scaled up here, per
+#: tower (captions differ token by token, so the text tower needs less).
+QK_SCALE = {"vision_model": 20.0, "text_model": 3.0}
 TOL = 1e-5
 
 
@@ -72,8 +74,8 @@ def pair(tmp_path_factory):
         model = transformers.CLIPModel(transformers.CLIPConfig(**OPENAI_CLIP_VIT_L14)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(SCALED):
-                p.mul_(3.0)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(QK_SCALE[name.split(".")[0]])
     path = tmp_path_factory.mktemp("hf") / "clip-vit-large-patch14"
     model.save_pretrained(path)
     return build_encoder(kind="hf_clip", model=str(path)), model

@@ -4,9 +4,11 @@ Random weights in OpenAI's on-disk format (fp16 state dict, and the TorchScript 
 are loaded through the project's normal path (``build_encoder(kind="open_clip", pretrained=<file>)``) and
 compared with ``clip.model.build_model`` on the same file: image and text features, SEARLE's
 first-``$`` pseudo-token encoding and LinCIR's every-``$`` injection, the image transform and the
-tokenizer. Tolerance: the largest absolute difference must stay below 1e-5 of the largest feature
-magnitude (fp32; features have norm ~20, so this is ~1e-5 relative per element); the GELU/QuickGELU
-confusion this suite guards against moves features by ~1e-2 of that.
+tokenizer. Tolerance (fp32): the largest absolute difference must stay below TOL = 1e-5 of the largest
+feature magnitude (features have norm ~20), measured <= 4e-6 for text and pseudo-token encodings; image
+features get IMAGE_TOL = 2e-5 (measured 6.7e-6 for B/32 and 8.6e-6 for L/14: open_clip's and OpenAI's
+attention kernels round differently over 24 layers). Building the model with GELU instead of
+QuickGELU moves features by 2e-2 to 5e-2 of their magnitude.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ OPENAI_ARCHS = {
 #: that GELU and QuickGELU barely differ; scaling these weights up makes both differences real.
 SCALED = ("c_fc.weight", "in_proj_weight", "conv1.weight")
 TOL = 1e-5
+IMAGE_TOL = 2e-5
 #: "$" must stand alone to be token 259: glued to punctuation it becomes another token ("$," ->
 #: "$" + ","; "($)" and "$." are single tokens), in OpenAI's tokenizer as in zscir's
 CAPTIONS_WITH_DOLLAR = [
@@ -164,7 +167,7 @@ def test_image_features_equal_openai(pair):
     x = pixels(2 if arch == "ViT-L-14" else 3)
     with torch.no_grad():
         ours, theirs = encoder.encode_image(x), ref.encode_image(x)
-    assert_features_close(ours, theirs)
+    assert_features_close(ours, theirs, IMAGE_TOL)
     cos = torch.nn.functional.normalize(theirs, dim=-1)
     assert float((cos @ cos.T).triu(1).max()) < 0.9  # different images, different features
 
@@ -294,7 +297,7 @@ def test_openai_tag_gets_quickgelu_from_its_metadata(pair, monkeypatch):
         encoder = build_encoder(kind="open_clip", model=arch, pretrained="openai")
     ids = clip.tokenize(["a photo of a cat"])
     with torch.no_grad():
-        assert_features_close(encoder.encode_image(pixels(2)), ref.encode_image(pixels(2)))
+        assert_features_close(encoder.encode_image(pixels(2)), ref.encode_image(pixels(2)), IMAGE_TOL)
         assert_features_close(encoder.encode_text(ids), ref.encode_text(ids))
     with pytest.raises(BackboneLoadError, match=r"backbone.quick_gelu=true"):
         build_encoder(kind="open_clip", model=arch, pretrained="openai", quick_gelu=False)

@@ -46,6 +46,12 @@ def build_encoder(
             ``lavis_blip``, the LAVIS weights file.
         init_seed: seed for random-init weights, so rebuilding gives identical parameters.
         cache_dir: weights cache folder.
+        extra: kind-specific options: ``quick_gelu`` (open_clip: the activation the weights were trained
+            with, see :func:`~zscir.backbones.open_clip_encoder.build_open_clip`), ``context_length``.
+
+    Raises:
+        BackboneLoadError: unknown kind, missing checkpoint, weights that cannot be loaded, or
+            ``quick_gelu`` set for a Hugging Face model (those read the activation from their config).
     """
     for key in _APP_KEYS:
         extra.pop(key, None)
@@ -62,6 +68,11 @@ def build_encoder(
             init_seed=init_seed,
             cache_dir=cache_dir,
             **extra,
+        )
+    if extra.pop("quick_gelu", None) is not None:
+        raise BackboneLoadError(
+            f"backbone.quick_gelu applies to kind=open_clip only; a {kind} model takes its activation from "
+            "its config.json (hidden_act): leave backbone.quick_gelu unset"
         )
     if kind == "hf_blip":
         from zscir.backbones.hf_blip_encoder import build_hf_blip

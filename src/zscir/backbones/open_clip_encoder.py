@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -113,6 +115,7 @@ def build_open_clip(
     init_seed: int = 0,
     cache_dir: str | None = None,
     context_length: int | None = None,
+    quick_gelu: bool | None = None,
 ) -> OpenCLIPEncoder:
     """Build an open_clip encoder.
 
@@ -123,6 +126,14 @@ def build_open_clip(
             weights file; ``None`` means random init (seeded by ``init_seed``).
         checkpoint: a zscir/open_clip state dict to load on top (e.g. the synthetic-world CLIP).
         cache_dir: where open_clip looks for / stores downloaded weights.
+        context_length: the tokenizer's context length (default: the model's).
+        quick_gelu: the MLP activation the weights were trained with (``True``: QuickGELU, as OpenAI's
+            CLIP weights; ``False``: GELU). ``None`` follows the pretrained tag's metadata, or, without a
+            tag (a weights file, random init), the architecture's own config (``*-quickgelu`` names).
+
+    Raises:
+        BackboneLoadError: unknown model, weights not found, or an activation that contradicts the
+            pretrained tag (open_clip would only warn, and the features would silently be off).
     """
     if model in TINY_ARCHITECTURES:
         if pretrained:
@@ -132,7 +143,7 @@ def build_open_clip(
         arch = TINY_ARCHITECTURES[model]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            clip = open_clip.CLIP(**arch)
+            clip = open_clip.CLIP(**arch, quick_gelu=bool(quick_gelu))
         image_size = arch["vision_cfg"]["image_size"]
         transform = open_clip.image_transform(image_size, is_train=False)
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=arch["text_cfg"]["context_length"])
@@ -142,37 +153,120 @@ def build_open_clip(
             raise BackboneLoadError(
                 f"unknown open_clip model {model!r}; known: {', '.join(open_clip.list_models()[:20])}, ..."
             )
+        activation = _activation_kwargs(model, pretrained, quick_gelu)
+        # OpenAI's released files are TorchScript archives, which open_clip's weights-only load refuses:
+        # build the architecture, then load their weights like a checkpoint
+        archive = pretrained if pretrained and is_torchscript_archive(pretrained) else None
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # a mismatch the checks above missed must not pass as a warning
+                warnings.filterwarnings("error", message=".*QuickGELU mismatch")
                 torch.manual_seed(init_seed)
                 clip, _, transform = open_clip.create_model_and_transforms(
-                    model, pretrained=pretrained, cache_dir=cache_dir
+                    model, pretrained=None if archive else pretrained, cache_dir=cache_dir, **activation
                 )
         except Exception as err:
             raise BackboneLoadError(
                 f"could not load open_clip model {model!r} with pretrained={pretrained!r}: {type(err).__name__}: {err}\n"
-                + weights_hint("open_clip", model, pretrained, cache_dir)
+                + (
+                    "Set backbone.quick_gelu to the activation the weights were trained with."
+                    if "QuickGELU" in str(err)
+                    else weights_hint("open_clip", model, pretrained, cache_dir)
+                )
             ) from err
         tokenizer = open_clip.get_tokenizer(
             model, **({"context_length": context_length} if context_length else {})
         )
         transform_id = f"open_clip-{model}-val"
+        if archive:
+            load_state_dict_file(clip, archive)
     if checkpoint:
         load_state_dict_file(clip, checkpoint)
     clip.eval()
     return OpenCLIPEncoder(clip, tokenizer, transform, transform_id)
 
 
+def _activation_kwargs(model: str, pretrained: str | None, quick_gelu: bool | None) -> dict:
+    """``create_model_and_transforms`` arguments that give ``model`` the activation its weights need.
+
+    open_clip's ``ViT-B-32``/``ViT-L-14`` configs use GELU while OpenAI's weights (tag ``openai``) were
+    trained with QuickGELU; open_clip records the right one per tag (``quick_gelu`` in the pretrained
+    config) but only warns on a mismatch.
+    """
+    arch_quick = bool(open_clip.get_model_config(model).get("quick_gelu", False))
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
+    if tag_cfg:
+        tag_quick = bool(tag_cfg.get("quick_gelu", False))
+        if quick_gelu is not None and bool(quick_gelu) != tag_quick:
+            raise BackboneLoadError(
+                f"backbone.quick_gelu={quick_gelu} contradicts the pretrained tag {pretrained!r} of {model!r}, "
+                f"whose weights were trained with {'QuickGELU' if tag_quick else 'GELU'}: set "
+                f"backbone.quick_gelu={str(tag_quick).lower()} (or null to follow the tag)"
+            )
+        if arch_quick and not tag_quick:
+            base = model.removesuffix("-quickgelu")
+            raise BackboneLoadError(
+                f"{model!r} uses QuickGELU but the weights of tag {pretrained!r} were trained with GELU: "
+                f"use backbone.model={base}"
+            )
+        quick_gelu = tag_quick
+    if quick_gelu is None or bool(quick_gelu) == arch_quick:
+        return {}
+    # force_quick_gelu only switches it on; an explicit model kwarg overrides the config either way
+    return {"force_quick_gelu": True} if quick_gelu else {"quick_gelu": False}
+
+
 def load_state_dict_file(module: nn.Module, path: str) -> None:
-    """Load a state dict saved by ``torch.save`` (optionally under a ``state_dict`` key) into ``module``."""
+    """Load a weights file saved by ``torch.save`` into ``module``, strictly.
+
+    Accepted variants: a TorchScript archive (OpenAI's released CLIP files); the state dict itself or wrapped under ``state_dict`` or ``model`` (open_clip's
+    training checkpoints, many repositories' own); keys with a uniform ``module.`` prefix (saved from a
+    DistributedDataParallel wrapper); and entries for buffers ``module`` does not persist (e.g. the
+    ``position_ids`` that transformers < 4.31 saved in CLIP/BLIP state dicts). Anything else missing or
+    unexpected is an architecture mismatch.
+
+    Raises:
+        BackboneLoadError: no such file, or keys/shapes that do not fit ``module`` (counts and examples).
+    """
     file = Path(path).expanduser()
     if not file.is_file():
         raise BackboneLoadError(f"backbone checkpoint {str(file)!r} does not exist")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    if is_torchscript_archive(file):
+        state = torch.jit.load(file, map_location="cpu").state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size"):  # ints in OpenAI's archives
+            state.pop(key, None)
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise BackboneLoadError(f"{file} holds a {type(state).__name__}, not a state dict")
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    own = module.state_dict()
+    if (
+        state
+        and all(k.startswith("module.") for k in state)
+        and not any(k.startswith("module.") for k in own)
+    ):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    not_persisted = {name for name, _ in module.named_buffers()} - set(own)
+    state = {k: v for k, v in state.items() if k not in not_persisted}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same keys, different shapes
+        raise BackboneLoadError(f"{file} does not match the architecture: {err}") from err
     if missing or unexpected:
         raise BackboneLoadError(
             f"{file} does not match the architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with compiled code and a ``constants.pkl``),
+    as opposed to a ``torch.save`` file, which ``torch.load(weights_only=True)`` reads."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())

@@ -16,8 +16,10 @@ from PIL import Image
 
 from benchmark_fixtures import CIRR_VAL_IMAGES, make_cirr
 from zscir.backbones import backbone_fingerprint
-from zscir.cli.common import compose_config, ensure_backbone, ensure_synthetic_world
+from zscir.cli.config import compose_config
 from zscir.cli.evaluate import evaluate, load_checkpoint
+from zscir.cli.provision import ensure_backbone, ensure_synthetic_world
+from zscir.cli.train import train
 from zscir.data.corpora import load_image_caption_corpus
 from zscir.data.keyword_cache import KeywordCache, KeywordSettings
 from zscir.data.synthetic import SynthConfig, generate_world
@@ -199,18 +201,20 @@ def test_the_synthetic_backbone_is_retrained_when_the_world_it_was_trained_on_ch
         return {}
 
     monkeypatch.setattr("zscir.cli.train.train", fake_train)
-    ensure_backbone(_synthetic_config(tmp_path))  # first use
-    ensure_backbone(_synthetic_config(tmp_path))  # reused
+    ensure_backbone(_synthetic_config(tmp_path), train)  # first use
+    ensure_backbone(_synthetic_config(tmp_path), train)  # reused
     assert [seed for _, seed in trained] == [0]
-    ensure_backbone(_synthetic_config(tmp_path, seed=1))  # another world: retrained, in another run dir
+    ensure_backbone(
+        _synthetic_config(tmp_path, seed=1), train
+    )  # another world: retrained, in another run dir
     assert [seed for _, seed in trained] == [0, 1]
     assert trained[1][0] != trained[0][0]
-    ensure_backbone(_synthetic_config(tmp_path, seed=1))
+    ensure_backbone(_synthetic_config(tmp_path, seed=1), train)
     assert len(trained) == 2
     # weights from elsewhere (no record of how they were made) are used as they are
     checkpoint = Path(_synthetic_config(tmp_path).backbone.checkpoint)
     Path(f"{checkpoint}.zscir-recipe.json").unlink()
-    ensure_backbone(_synthetic_config(tmp_path, seed=2))
+    ensure_backbone(_synthetic_config(tmp_path, seed=2), train)
     assert len(trained) == 2
 
 

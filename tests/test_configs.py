@@ -88,10 +88,12 @@ def test_every_method_and_benchmark_config_maps_to_a_registered_class():
     for file in sorted((CONF_DIR / "method").glob("*.yaml")):
         name = OmegaConf.load(file)["name"]
         assert name == file.stem, file  # the file name is the selector
-        assert name in METHODS and method_class(name).__name__ == METHODS[name].split(":")[1], file
+        assert name in METHODS, file
+        assert method_class(name).__name__ == METHODS[name].split(":")[1], file
     for file in sorted((CONF_DIR / "benchmark").glob("*.yaml")):
         kind = OmegaConf.load(file)["kind"]
-        assert kind in BENCHMARKS and benchmark_class(kind).kind == kind, file
+        assert kind in BENCHMARKS, file
+        assert benchmark_class(kind).kind == kind, file
     assert method_class("sum") is not method_class("text_only")  # distinct classes, not one stand-in
 
 
@@ -101,7 +103,8 @@ def test_every_benchmark_config_is_composed_by_name_for_both_entry_points(compos
         cfg = compose(task, ["benchmarks.cirr.root=/data/CIRR", "eval_benchmarks=[cirr]"])
         assert sorted(cfg.benchmarks) == files
         (bench,) = benchmark_configs(cfg)
-        assert bench["root"] == "/data/CIRR" and bench["kind"] == "cirr"
+        assert bench["root"] == "/data/CIRR"
+        assert bench["kind"] == "cirr"
 
 
 def test_method_yamls_agree_with_their_dataclass_defaults():
@@ -120,4 +123,6 @@ def test_method_yamls_agree_with_their_dataclass_defaults():
         for key, value in yaml.items():
             if (yaml["name"], key) in on_purpose:
                 continue
-            assert defaults[key] == value, f"{file.name}: {key}={value!r}, dataclass default {defaults[key]!r}"
+            assert defaults[key] == value, (
+                f"{file.name}: {key}={value!r}, dataclass default {defaults[key]!r}"
+            )

@@ -29,9 +29,10 @@ test: setup  ## the whole test suite (slow tests included, as CI runs it)
 test-fast: setup  ## skip tests marked slow
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: setup  ## ruff lint + format check
+lint: setup  ## ruff lint + format check + import contracts (layers, no cycles)
 	$(BIN)/ruff check src tests experiments
 	$(BIN)/ruff format --check src tests experiments
+	$(BIN)/lint-imports  # the layer order of docs/architecture.md (pyproject.toml [tool.importlinter])
 
 format: setup  ## apply ruff formatting and safe fixes
 	$(BIN)/ruff check --fix src tests experiments

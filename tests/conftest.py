@@ -42,7 +42,7 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def compose(small_world: Path, tmp_path: Path):
     """compose(config_name, overrides) with data in the small world and outputs in tmp_path."""
-    from zscir.cli.common import compose_config
+    from zscir.cli.config import compose_config
 
     def _compose(config_name: str = "train", overrides: list[str] | None = None):
         base = [

@@ -22,12 +22,13 @@ from PIL import Image
 
 from reliability_helpers import checkpoint, loss_trajectory
 from zscir.backbones import build_encoder
+from zscir.benchmarks import build_benchmark
+from zscir.benchmarks.base import AnnotationError, DatasetLayoutError, ImageLoadError, load_rgb
 from zscir.cli.callbacks import AtomicCheckpointIO, NonFiniteLossError
-from zscir.cli.common import build_loggers, write_run_info
 from zscir.cli.evaluate import load_checkpoint
+from zscir.cli.outputs import write_run_info
+from zscir.cli.run import build_loggers
 from zscir.cli.train import train
-from zscir.data.benchmarks import build_benchmark
-from zscir.data.benchmarks.base import AnnotationError, DatasetLayoutError, ImageLoadError, load_rgb
 from zscir.data.corpora import load_image_caption_corpus, load_text_corpus
 from zscir.methods import build_method
 from zscir.methods.clip_pretrain import CLIPPretrain
@@ -227,14 +228,14 @@ def test_empty_and_overlong_captions_encode_with_the_end_token_kept(backbone):
 
 # ---- configuration ------------------------------------------------------------------------------------------
 def test_typo_in_a_trainer_option_suggests_the_right_name(compose):
-    from zscir.cli.common import validate_config
+    from zscir.cli.config import validate_config
 
     with pytest.raises(ValueError, match=r"'max_epoch' \(did you mean 'max_epochs'\?\)"):
         validate_config(compose("train", ["+trainer.max_epoch=3"]), "train")
 
 
 def test_typo_in_a_checkpoint_option_or_group_name_is_named(compose):
-    from zscir.cli.common import validate_config
+    from zscir.cli.config import validate_config
 
     with pytest.raises(Exception, match="every_n_train_step"):
         validate_config(compose("train", ["+checkpoint.every_n_train_step=5"]), "train")

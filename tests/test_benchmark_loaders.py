@@ -17,13 +17,13 @@ from benchmark_fixtures import (
     make_fashioniq,
     make_genecis,
 )
-from zscir.data.benchmarks import (
+from zscir.benchmarks import (
     AnnotationError,
     DatasetLayoutError,
     ImageLoadError,
     build_benchmark,
 )
-from zscir.data.benchmarks.genecis import dilated_box
+from zscir.benchmarks.genecis import dilated_box
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 
 import zscir.metrics.functional
 from benchmark_fixtures import make_circo, make_cirr, make_fashioniq, make_genecis
-from zscir.data.benchmarks import build_benchmark
-from zscir.metrics.modules import BenchmarkMetric
-from zscir.metrics.submissions import SubmissionError, validate_circo, validate_cirr
+from zscir.benchmarks import build_benchmark
+from zscir.benchmarks.submissions import SubmissionError, validate_circo, validate_cirr
+from zscir.evaluation.metric import BenchmarkMetric
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from PIL import Image
 
 from benchmark_fixtures import CIRR_VAL_IMAGES, make_cirr
 from zscir.backbones import backbone_fingerprint
-from zscir.cli.common import compose_config, ensure_backbone, ensure_synthetic_world
+from zscir.cli.config import compose_config
 from zscir.cli.evaluate import evaluate, load_checkpoint
+from zscir.cli.provision import ensure_backbone, ensure_synthetic_world
 from zscir.data.corpora import load_image_caption_corpus
 from zscir.data.keyword_cache import KeywordCache, KeywordSettings
 from zscir.data.synthetic import SynthConfig, generate_world
@@ -189,7 +190,7 @@ def test_a_world_generated_with_other_settings_is_regenerated(tmp_path):
     assert len(load_image_caption_corpus(root / "corpus" / "train")) == 8
 
 
-def test_the_synthetic_backbone_is_retrained_when_the_world_it_was_trained_on_changed(tmp_path, monkeypatch):
+def test_the_synthetic_backbone_is_retrained_when_the_world_it_was_trained_on_changed(tmp_path):
     trained: list[tuple[str, int]] = []
 
     def fake_train(recipe_cfg):  # stands in for training the recipe: records what it was asked to do
@@ -198,19 +199,20 @@ def test_the_synthetic_backbone_is_retrained_when_the_world_it_was_trained_on_ch
         Path(recipe_cfg.method.export_backbone).write_text(f"weights for seed {recipe_cfg.synth.seed}")
         return {}
 
-    monkeypatch.setattr("zscir.cli.train.train", fake_train)
-    ensure_backbone(_synthetic_config(tmp_path))  # first use
-    ensure_backbone(_synthetic_config(tmp_path))  # reused
+    ensure_backbone(_synthetic_config(tmp_path), fake_train)  # first use
+    ensure_backbone(_synthetic_config(tmp_path), fake_train)  # reused
     assert [seed for _, seed in trained] == [0]
-    ensure_backbone(_synthetic_config(tmp_path, seed=1))  # another world: retrained, in another run dir
+    ensure_backbone(
+        _synthetic_config(tmp_path, seed=1), fake_train
+    )  # another world: retrained, in another run dir
     assert [seed for _, seed in trained] == [0, 1]
     assert trained[1][0] != trained[0][0]
-    ensure_backbone(_synthetic_config(tmp_path, seed=1))
+    ensure_backbone(_synthetic_config(tmp_path, seed=1), fake_train)
     assert len(trained) == 2
     # weights from elsewhere (no record of how they were made) are used as they are
     checkpoint = Path(_synthetic_config(tmp_path).backbone.checkpoint)
     Path(f"{checkpoint}.zscir-recipe.json").unlink()
-    ensure_backbone(_synthetic_config(tmp_path, seed=2))
+    ensure_backbone(_synthetic_config(tmp_path, seed=2), fake_train)
     assert len(trained) == 2
 
 

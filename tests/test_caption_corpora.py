@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zscir.data.benchmarks.base import DatasetLayoutError
+from zscir.benchmarks.base import DatasetLayoutError
 from zscir.data.corpora import load_caption_folder, load_caption_jsonl, load_captioned_images
 from zscir.data.loaders import DataConfig, build_train_loader
 

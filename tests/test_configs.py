@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from zscir.cli.common import CONF_DIR, benchmark_configs, plain, validate_config
+from zscir.cli.config import CONF_DIR, benchmark_configs, plain, validate_config
 
 GROUP_FILES = {
     g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml"))
@@ -77,5 +77,52 @@ def test_config_groups_mirror_code_folders():
     src = Path(__file__).resolve().parents[1] / "src" / "zscir"
     assert (src / "backbones").is_dir()
     assert (src / "methods").is_dir()
-    assert (src / "data" / "benchmarks").is_dir()
+    assert (src / "benchmarks").is_dir()
     assert OmegaConf.load(CONF_DIR / "train.yaml")["defaults"][0] == {"paths": "default"}
+
+
+def test_every_method_and_benchmark_config_maps_to_a_registered_class():
+    from zscir.benchmarks import BENCHMARKS, benchmark_class
+    from zscir.methods import METHODS, method_class
+
+    for file in sorted((CONF_DIR / "method").glob("*.yaml")):
+        name = OmegaConf.load(file)["name"]
+        assert name == file.stem, file  # the file name is the selector
+        assert name in METHODS, file
+        assert method_class(name).__name__ == METHODS[name].split(":")[1], file
+    for file in sorted((CONF_DIR / "benchmark").glob("*.yaml")):
+        kind = OmegaConf.load(file)["kind"]
+        assert kind in BENCHMARKS, file
+        assert benchmark_class(kind).kind == kind, file
+    assert method_class("sum") is not method_class("text_only")  # distinct classes, not one stand-in
+
+
+def test_every_benchmark_config_is_composed_by_name_for_both_entry_points(compose):
+    files = sorted(p.stem for p in (CONF_DIR / "benchmark").glob("*.yaml"))
+    for task in ("train", "eval"):
+        cfg = compose(task, ["benchmarks.cirr.root=/data/CIRR", "eval_benchmarks=[cirr]"])
+        assert sorted(cfg.benchmarks) == files
+        (bench,) = benchmark_configs(cfg)
+        assert bench["root"] == "/data/CIRR"
+        assert bench["kind"] == "cirr"
+
+
+def test_method_yamls_agree_with_their_dataclass_defaults():
+    """A method YAML may set a key to a value other than its dataclass default only on purpose: the known
+    differences are listed here, so a default changed in one place and not the other fails."""
+    from zscir.methods import method_class, parse_config
+
+    on_purpose = {  # (method, key): why the YAML differs from the dataclass
+        ("cam_ti", "cam_cache_dir"): "the YAML puts the CAM cache under the run's output folder",
+    }
+    for file in sorted((CONF_DIR / "method").glob("*.yaml")):
+        yaml = OmegaConf.to_container(OmegaConf.load(file))
+        cls = method_class(yaml["name"])
+        defaults = plain(OmegaConf.structured(cls.Config(name=yaml["name"])))
+        parse_config(cls.Config, {k: v for k, v in yaml.items() if not str(v).startswith("${")})
+        for key, value in yaml.items():
+            if (yaml["name"], key) in on_purpose:
+                continue
+            assert defaults[key] == value, (
+                f"{file.name}: {key}={value!r}, dataclass default {defaults[key]!r}"
+            )

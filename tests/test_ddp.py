@@ -31,10 +31,10 @@ from reliability_helpers import (
     tail,
     wait_for,
 )
+from zscir.benchmarks import build_benchmark
 from zscir.cli.callbacks import PREEMPTED_EXIT_CODE
-from zscir.cli.common import compose_config
+from zscir.cli.config import compose_config
 from zscir.cli.train import train
-from zscir.data.benchmarks import build_benchmark
 from zscir.data.synthetic import SynthConfig, generate_world
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]

@@ -273,7 +273,7 @@ def test_train_loader_yields_masked_token_batches(tmp_path, streaming):
     corpus = _corpus(tmp_path)
     method = lincir("open_clip", tmp_path / "kw")
     cfg = DataConfig(kind="text", path=str(corpus), batch_size=4, num_workers=0, streaming=streaming)
-    batch = next(iter(build_train_loader(cfg, None, text_samples=method.text_samples)))
+    batch = next(iter(build_train_loader(cfg, None, samples=method.text_samples)))
     assert batch["ids"].shape == batch["masked_ids"].shape == (4, method.encoder.context_length)
     assert (batch["masked_ids"] == 259).any(dim=1).all()
     assert not (batch["ids"] == 259).any()  # "$" is stripped from captions

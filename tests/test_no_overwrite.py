@@ -14,7 +14,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 from benchmark_fixtures import make_cirr
-from zscir.cli import common
+from zscir.benchmarks import build_benchmark
+from zscir.cli import config
 from zscir.cli.cam_grid import main as cam_grid_main
 from zscir.cli.cam_grid import write_grid
 from zscir.cli.evaluate import evaluate
@@ -22,13 +23,12 @@ from zscir.cli.report import main as report_main
 from zscir.cli.report import report
 from zscir.cli.score import main as score_main
 from zscir.cli.score import score
-from zscir.data.benchmarks import build_benchmark
 
 
 # ---- zscir-eval ----------------------------------------------------------------------------------------
 def _default_run_dir(tmp_path: Path, *overrides: str) -> str:
     """The run directory Hydra gives ``zscir-eval <overrides>``."""
-    with initialize_config_dir(str(common.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(
             "eval", [f"paths.output_dir={tmp_path / 'outputs'}", *overrides], return_hydra_config=True
         )

@@ -17,16 +17,17 @@ from torch import nn
 
 from benchmark_fixtures import make_circo, make_cirr, make_fashioniq, make_genecis
 from zscir.backbones import build_encoder
-from zscir.cli.common import compose_config
+from zscir.benchmarks import build_benchmark
+from zscir.cli.config import compose_config
 from zscir.cli.evaluate import evaluate
 from zscir.cli.score import main as score_main
 from zscir.cli.score import score
-from zscir.data.benchmarks import build_benchmark
+from zscir.evaluation import EvaluationLoop
+from zscir.evaluation.visualize import retrieve
 from zscir.methods import build_method
-from zscir.methods.base import RetrievalMethod, nonfinite_cause
+from zscir.methods.base import nonfinite_cause
 from zscir.retrieval.cache import GalleryCache
 from zscir.retrieval.search import NonFiniteFeatures, rank_candidates, target_ranks, topk_search
-from zscir.retrieval.visualize import retrieve
 
 TINY = {"name": "tiny", "kind": "open_clip", "model": "tiny", "init_seed": 0}
 NAN = float("nan")
@@ -121,14 +122,14 @@ def test_train_time_validation_refuses_them_too(data, broken_weights):
 
 def test_a_nan_gallery_row_writes_no_circo_submission_features_or_cache_entry(data, tmp_path, monkeypatch):
     circo = build_benchmark("circo", data / "CIRCO", "test")
-    encode = RetrievalMethod._encode_gallery_sharded
+    encode = EvaluationLoop.encode_gallery_sharded
 
-    def one_nan_row(self, benchmark):
-        feats = encode(self, benchmark)
+    def one_nan_row(self, benchmark, *args):
+        feats = encode(self, benchmark, *args)
         feats[2] = NAN
         return feats
 
-    monkeypatch.setattr(RetrievalMethod, "_encode_gallery_sharded", one_nan_row)
+    monkeypatch.setattr(EvaluationLoop, "encode_gallery_sharded", one_nan_row)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteFeatures) as err:
         evaluate(eval_config(data, run, "method=sum", "benchmark=circo", "benchmark.split=test"))

@@ -20,16 +20,16 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import small_world_overrides
-from zscir.cli import common
-from zscir.cli.common import check_launch, relaunches_script
+from zscir.benchmarks import build_benchmark
+from zscir.cli import config, launch
 from zscir.cli.evaluate import evaluate, load_run
+from zscir.cli.launch import check_launch, relaunches_script
 from zscir.cli.report import main as report_main
 from zscir.cli.report import report
 from zscir.cli.tracking import batch_size_of, wandb_safe
 from zscir.cli.train import train
-from zscir.data.benchmarks import build_benchmark
+from zscir.evaluation.visualize import GT_COLOR, grid_size, pick_queries, render_grid, retrieve
 from zscir.retrieval.search import target_ranks
-from zscir.retrieval.visualize import GT_COLOR, grid_size, pick_queries, render_grid, retrieve
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -207,30 +207,30 @@ def test_launch_guard_rules(compose, monkeypatch):
 def test_run_stamp_agrees_across_processes_of_one_launch(monkeypatch):
     for var in ("ZSCIR_RUN_ID", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    alone = common._run_stamp()
+    alone = launch.run_stamp()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", alone)
-    assert common._run_stamp() != alone  # two single-process runs in the same second do not collide
+    assert launch.run_stamp() != alone  # two single-process runs in the same second do not collide
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    assert common._run_stamp() != common._run_stamp()  # one task: an allocation may host several runs
+    assert launch.run_stamp() != launch.run_stamp()  # one task: an allocation may host several runs
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     monkeypatch.setenv("SLURM_STEP_ID", "3")
-    assert common._run_stamp() == "slurm-4242-3"
+    assert launch.run_stamp() == "slurm-4242-3"
     monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "5b1e0c2a-9d")
-    assert common._run_stamp() == "torchrun-5b1e0c2a-9d"
+    assert launch.run_stamp() == "torchrun-5b1e0c2a-9d"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # plain torchrun: the workers share their parent
-    assert common._run_stamp() == common._run_stamp()
-    assert common._run_stamp().startswith("torchrun-")
+    assert launch.run_stamp() == launch.run_stamp()
+    assert launch.run_stamp().startswith("torchrun-")
     monkeypatch.setenv("ZSCIR_RUN_ID", "my-run")
-    assert common._run_stamp() == "my-run"
+    assert launch.run_stamp() == "my-run"
 
 
 def test_hparams_search_grid_composes(compose):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(common.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("train", ["hparams_search=compare"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper.params.seed == "0,1,2"
@@ -241,12 +241,12 @@ def test_optuna_search_configs(name):
     """Needs the optional sweeper plugin (pip install 'zscir[optuna]') and the method's config."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     method = name.removesuffix("_optuna")
-    if not (common.CONF_DIR / "method" / f"{method}.yaml").is_file():
+    if not (config.CONF_DIR / "method" / f"{method}.yaml").is_file():
         pytest.skip(f"conf/method/{method}.yaml is not there yet")
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(common.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("train", [f"hparams_search={name}"], return_hydra_config=True)
     assert cfg.method.name == method
     for key in cfg.hydra.sweeper.params:
@@ -431,7 +431,7 @@ def test_reevaluation_from_a_run_dir_reproduces_the_training_metrics(compose, tm
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(common.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         hcfg = hydra_compose(
             "eval", [f"run_dir={run}", f"paths.output_dir={tmp_path}"], return_hydra_config=True
         )

@@ -11,9 +11,9 @@ import torch
 from experiments.pli_corpora import convert
 from omegaconf import OmegaConf
 
-from zscir.cli.common import CONF_DIR, benchmark_configs, validate_config
+from zscir.benchmarks import build_benchmark
+from zscir.cli.config import CONF_DIR, benchmark_configs, validate_config
 from zscir.cli.train import train
-from zscir.data.benchmarks import build_benchmark
 from zscir.data.corpora import load_caption_jsonl
 
 PLI_EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("pli_*.yaml"))

@@ -315,7 +315,7 @@ def test_an_evaluation_warns_once_with_the_count_and_benchmark_query_ids(caplog)
     method = LinCIR(backbone={"name": "tiny", **TINY}, config={"name": "lincir", "template": template})
     method.eval()
     queries = [SimpleNamespace(query_id=str(100 + i)) for i in range(3)]
-    method.benchmarks, method._metrics = (
+    method.evaluation.benchmarks, method.evaluation.metrics = (
         [SimpleNamespace(name="cirr", queries=queries, query_rule=None)],
         [_Metric()],
     )

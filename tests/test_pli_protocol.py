@@ -18,15 +18,15 @@ from benchmark_fixtures import (
     make_fashioniq_pli_lists,
     make_genecis,
 )
-from zscir.cli.common import compose_config
+from zscir.benchmarks import build_benchmark
+from zscir.benchmarks.base import AnnotationError, DatasetLayoutError, pli_caption
+from zscir.cli.config import compose_config
 from zscir.cli.evaluate import evaluate
 from zscir.cli.score import main as score_main
 from zscir.cli.score import score
-from zscir.data.benchmarks import build_benchmark
-from zscir.data.benchmarks.base import AnnotationError, DatasetLayoutError, pli_caption
+from zscir.evaluation.visualize import retrieve
 from zscir.methods import build_method
 from zscir.retrieval.search import normalize
-from zscir.retrieval.visualize import retrieve
 
 TINY = {"name": "tiny", "kind": "open_clip", "model": "tiny"}
 CIRR_CAPTIONS = {  # pairid -> a caption; three of them change under PLI's rewrite
@@ -74,9 +74,9 @@ def run_queries(method, bench, gallery_feats: torch.Tensor) -> dict[str, float]:
     """The evaluation loop's query side (``_query_step`` over the benchmark's query loader) with the
     gallery features given: what ``trainer.test`` computes, without a Trainer."""
     method.attach_benchmarks([bench], batch_size=2)
-    metric = method._metrics[0]
+    metric = method.evaluation.metrics[0]
     metric.set_gallery(gallery_feats)
-    for batch in method._query_loaders()[0]:
+    for batch in method.evaluation.query_loaders()[0]:
         method._query_step(batch, 0)
     return metric.compute()
 

@@ -30,7 +30,7 @@ from reliability_helpers import (
     wait_for,
 )
 from zscir.cli.callbacks import PREEMPTED_EXIT_CODE, AtomicCheckpointIO, ResumeState
-from zscir.cli.common import compose_config
+from zscir.cli.config import compose_config
 from zscir.cli.train import resolve_resume, train
 from zscir.data.samplers import ResumableDataLoader, ResumableSampler
 from zscir.utils.io import remove_stale_temp_files

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from benchmark_fixtures import make_circo, make_cirr, make_fashioniq, make_genecis
-from zscir.cli.common import compose_config
+from zscir.benchmarks import build_benchmark
+from zscir.cli.config import compose_config
 from zscir.cli.evaluate import evaluate
 from zscir.cli.score import main as score_main
 from zscir.cli.score import score
-from zscir.data.benchmarks import build_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@ import hashlib
 import json
 import random
 
-from zscir.data.benchmarks import build_benchmark
+from zscir.benchmarks import build_benchmark
 from zscir.data.corpora import load_image_caption_corpus, load_text_corpus
 from zscir.data.synthetic import SynthConfig, generate_world
 from zscir.data.synthetic import world as W

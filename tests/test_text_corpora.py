@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from zscir.data.benchmarks.base import DatasetLayoutError
+from zscir.benchmarks.base import DatasetLayoutError
 from zscir.data.loaders import DataConfig, build_train_loader
 from zscir.data.text_corpora import (
     CaptionSource,

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from experiments.bench.common import interleaved, row
-from zscir.data.benchmarks import build_benchmark
+from zscir.benchmarks import build_benchmark
 from zscir.data.synthetic import SynthConfig, generate_world
 from zscir.methods import build_method
 from zscir.retrieval.cache import GalleryCache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 
@@ -12,10 +13,10 @@ import torch.nn.functional as F
 
 
 def _load_distributed_helpers() -> ModuleType:
-    """``zscir.methods.distributed`` alone (it imports only torch): importing it as usual runs the
+    """``zscir.methods.losses`` alone (it imports only torch): importing it as usual runs the
     ``zscir.methods`` package, which imports Lightning and open_clip, seconds per spawned process that
     this test does not need."""
-    path = Path(__file__).resolve().parents[2] / "src" / "zscir" / "methods" / "distributed.py"
+    path = Path(__file__).resolve().parents[2] / "src" / "zscir" / "methods" / "losses.py"
     spec = importlib.util.spec_from_file_location("_zscir_distributed", path)
     assert spec is not None, path
     assert spec.loader is not None, path
@@ -25,7 +26,11 @@ def _load_distributed_helpers() -> ModuleType:
 
 
 _distributed = _load_distributed_helpers()
-clip_loss, info_nce = _distributed.clip_loss, _distributed.info_nce
+clip_loss, info_nce, contrastive_loss = (
+    _distributed.clip_loss,
+    _distributed.info_nce,
+    _distributed.contrastive_loss,
+)
 
 CASES = {  # name: (rows per rank, gather negatives, loss)
     "equal": ((4, 4), True, "clip"),
@@ -34,6 +39,10 @@ CASES = {  # name: (rows per rank, gather negatives, loss)
     # PLI's loss as coded: raw features, one direction (query = image + text, target = text tower here)
     "one_direction_unnormalised": ((3, 5), True, "pli"),
     "one_direction_local_only": ((4, 4), False, "pli"),
+    # CAM-TI's loss: queries for some rows only (labels into the image batch), cosine logits / temperature
+    "queries_on_some_rows": ((3, 5), True, "cam_ti"),
+    "no_query_on_one_rank": ((3, 5), True, "cam_ti_rank0_empty"),
+    "some_rows_local_only": ((4, 4), False, "cam_ti"),
 }
 
 
@@ -59,6 +68,16 @@ def loss_and_grads(
         image = F.normalize(x_image[rows] @ w_image, dim=-1)
         text = F.normalize(x_text[rows] @ w_text, dim=-1)
         loss = clip_loss(image, text, log_scale.exp(), gather_negatives=gather)
+    elif loss_kind.startswith("cam_ti"):
+        # queries of the rows a CAM-TI batch keeps (global index % 3 != 2; or only rows >= 3: none on rank 0)
+        keep = [
+            i - rows.start
+            for i in range(rows.start, rows.stop)
+            if (i >= 3 if loss_kind.endswith("rank0_empty") else i % 3 != 2)
+        ]
+        labels = torch.tensor(keep, dtype=torch.long)
+        query = (x_text[rows] @ w_text)[labels] * log_scale.exp()
+        loss = contrastive_loss(query, x_image[rows] @ w_image, labels, 0.5, True, gather_negatives=gather)
     else:
         query = x_image[rows] @ w_image + x_text[rows] @ w_text
         loss = info_nce(
@@ -70,7 +89,10 @@ def loss_and_grads(
 
 def gather_worker(rank: int, world: int, store: str, out: str) -> None:
     """Each case on this rank's rows; loss and gradients averaged over ranks as DDP and sync_dist do."""
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # a rank left waiting in a collective (a loss that skips the gather on one rank) fails instead of hanging
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     results = {}
     for name, (sizes, gather, loss_kind) in CASES.items():
         offset = sum(sizes[:rank])

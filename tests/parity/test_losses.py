@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from zscir.cli.common import CONF_DIR
+from zscir.cli.config import CONF_DIR
 from zscir.methods import build_method
 from zscir.methods.cam_ti import contrastive_loss
 from zscir.methods.lincir import add_noise

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 
+#: Where LAVIS downloads the ``blip_feature_extractor`` base weights from
+#: (``lavis/configs/models/blip_feature_extractor_base.yaml``).
+LAVIS_BLIP_BASE_URL = (
+    "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_capfilt_large.pth"
+)
+
 
 class BackboneLoadError(RuntimeError):
     """A backbone could not be built or its weights could not be found."""
@@ -28,7 +34,14 @@ def weights_hint(library: str, model: str, pretrained: str | None, cache_dir: st
 def missing_checkpoint_message(kind: str, checkpoint: str) -> str:
     """Say that a backbone's ``checkpoint`` file is missing, and where to get it when it is a release."""
     if kind == "lavis_blip":
-        from zscir.backbones.lavis_blip_encoder import missing_weights_message
-
         return missing_weights_message(checkpoint)
     return f"backbone checkpoint {checkpoint!r} does not exist"
+
+
+def missing_weights_message(path: str | None) -> str:
+    """What to do when the LAVIS BLIP weights file is not there (``path``: the file looked for, if any)."""
+    where = f"{path!r} does not exist" if path else "no weights file was given"
+    return (
+        f"LAVIS BLIP base weights: {where}. Download model_base_capfilt_large.pth once from "
+        f"{LAVIS_BLIP_BASE_URL} and pass it: backbone.checkpoint=/path/to/model_base_capfilt_large.pth"
+    )

@@ -25,14 +25,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from zscir.backbones.errors import BackboneLoadError
-from zscir.backbones.hf_blip_encoder import HFBLIPEncoder, blip_transform, tiny_tokenizer
-
-#: Where LAVIS downloads the ``blip_feature_extractor`` base weights from
-#: (``lavis/configs/models/blip_feature_extractor_base.yaml``).
-LAVIS_BLIP_BASE_URL = (
-    "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_capfilt_large.pth"
+from zscir.backbones.errors import (  # noqa: F401  (LAVIS_BLIP_BASE_URL: re-exported)
+    LAVIS_BLIP_BASE_URL,
+    BackboneLoadError,
+    missing_weights_message,
 )
+from zscir.backbones.hf_blip_encoder import HFBLIPEncoder, blip_transform, tiny_tokenizer
 
 #: Architectures: LAVIS ``VisionTransformerEncoder`` ``vit_type: base`` (``lavis/models/vit.py``) and the
 #: BERT of ``lavis/configs/models/med_config.json``; ``tiny`` is a random-init miniature for tests.
@@ -268,15 +266,6 @@ def load_lavis_checkpoint(model: LavisBlip, path: str) -> list[str]:
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
     return ignored
-
-
-def missing_weights_message(path: str | None) -> str:
-    """What to do when the LAVIS BLIP weights file is not there."""
-    where = f"{path!r} does not exist" if path else "no weights file was given"
-    return (
-        f"LAVIS BLIP base weights: {where}. Download model_base_capfilt_large.pth once from "
-        f"{LAVIS_BLIP_BASE_URL} and pass it: backbone.checkpoint=/path/to/model_base_capfilt_large.pth"
-    )
 
 
 def build_lavis_blip(

@@ -1,23 +1,19 @@
-"""A PNG grid to see what CAM-TI masks: image | CAM heat map | masked image | caption (noun highlighted)."""
+"""A PNG grid to see what CAM-TI masks: image | CAM heat map | masked image | caption (noun highlighted).
+
+Rendering only: the rows come from the method (``CamTI.cam_grid_rows``)."""
 
 from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from zscir.cam.gradcam import upsample_cams
-from zscir.cam.masks import visible
 from zscir.utils.io import atomic_write
-
-if TYPE_CHECKING:
-    from zscir.methods.cam_ti import CamTI
 
 CELL = 192  # pixels per image cell
 TEXT_WIDTH = 420
@@ -41,45 +37,6 @@ def denormalize(pixels: Tensor, transform: object) -> np.ndarray:
             mean, std = torch.tensor(step.mean), torch.tensor(step.std)
     img = pixels.detach().float().cpu() * std[:, None, None] + mean[:, None, None]
     return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def cam_grid_rows(method: CamTI, batch: dict, n: int) -> list[GridRow]:
-    """The first ``n`` samples of an image–caption batch, as CAM-TI sees them in training."""
-    from zscir.methods.cam_ti import clean_caption
-
-    c = method.cfg
-    n = min(n, batch["pixels"].shape[0])
-    sub = {k: v[:n] for k, v in batch.items() if k in ("pixels", "caption", "key", "index")}
-    choices = method.choose_nouns(sub)
-    ids, real = method._image_ids(sub)
-    rows = [i for i, ch in enumerate(choices) if ch is not None]
-    pixels = sub["pixels"]
-    maps = {}
-    if rows:
-        grid = method.cams(
-            pixels[rows], [choices[i].noun for i in rows], [ids[i] for i in rows] if real else None
-        )
-        up = upsample_cams(grid, tuple(pixels.shape[-2:]))
-        maps = {r: m for r, m in zip(rows, up)}
-    out = []
-    for i in range(n):
-        caption, ch = clean_caption(sub["caption"][i]), choices[i]
-        image = denormalize(pixels[i], method.encoder.image_transform)
-        if ch is None:
-            out.append(GridRow(image, None, None, caption, None, "no noun: original loss only"))
-            continue
-        if c.mask_mode == "tokens":  # whole patches, decided on the patch grid
-            gh, gw = method.encoder.grid_size
-            patch_keep = visible(grid[rows.index(i)], c.tau, c.mask_region)
-            keep = patch_keep.repeat_interleave(pixels.shape[-2] // gh, 0).repeat_interleave(
-                pixels.shape[-1] // gw, 1
-            )
-        else:
-            keep = visible(maps[i], c.tau, c.mask_region)
-        masked = denormalize(pixels[i] * keep.to(pixels.device, pixels.dtype), method.encoder.image_transform)
-        note = f"{ch.noun!r}: tau {c.tau}, {c.mask_region} hidden ({c.mask_mode}), {100 * keep.float().mean():.0f} % visible"
-        out.append(GridRow(image, maps[i].cpu().numpy(), masked, caption, (ch.start, ch.end), note))
-    return out
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import lightning as L
 
-from zscir.cli.common import compose_config, ensure_backbone, ensure_synthetic_world, parse_config, plain
+from zscir.cli.config import compose_config, parse_config, plain
+from zscir.cli.provision import ensure_backbone, ensure_synthetic_world
+from zscir.cli.train import train
 from zscir.data.loaders import DataConfig, build_train_loader
 from zscir.methods import build_method
 
@@ -44,7 +46,7 @@ def write_grid(
             f"the CAM grid shows CAM-TI's masking; got method={cfg.method.name} (add method=cam_ti)"
         )
     ensure_synthetic_world(cfg)
-    ensure_backbone(cfg)
+    ensure_backbone(cfg, train)
     L.seed_everything(cfg.seed, workers=True)
     method = build_method(plain(cfg.backbone), plain(cfg.method))
     data = dataclasses.replace(

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from omegaconf import open_dict
 
-from zscir.cli.common import compose_config, ensure_backbone, ensure_synthetic_world
+from zscir.cli.config import compose_config
 from zscir.cli.evaluate import evaluate
+from zscir.cli.provision import ensure_backbone, ensure_synthetic_world
 from zscir.cli.report import report
 from zscir.cli.train import train
 from zscir.utils.io import atomic_write_json
@@ -86,7 +87,7 @@ def run_demo(
         "[zscir demo] 2/4 backbone tiny_synthetic (a tiny CLIP trained on the synthetic corpus; reused once trained)",
         flush=True,
     )
-    ensure_backbone(base)
+    ensure_backbone(base, train)
     clip_eval = compose_config(
         "eval",
         ["experiment=demo", "method=text_only", "benchmark=synthetic_t2i", "eval_benchmarks=[]", *extra],

@@ -21,28 +21,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zscir.backbones import backbone_fingerprint
-from zscir.cli.common import (
-    CONF_DIR,
-    benchmark_configs,
-    build_benchmarks,
-    build_loggers,
-    build_trainer,
-    check_launch,
-    ensure_backbone,
-    ensure_synthetic_world,
-    is_global_zero,
+from zscir.cli.config import CONF_DIR, plain
+from zscir.cli.outputs import (
     metrics_after_test,
-    plain,
     print_metrics,
     refuse_existing_results,
-    validate_config,
     write_examples,
     write_features,
     write_run_info,
     write_submissions,
 )
-from zscir.cli.tracking import finish_wandb, log_wandb_summary, mark_latest_sweep
-from zscir.methods import RetrievalMethod, build_method
+from zscir.cli.run import build_loggers, build_trainer, prepare_run
+from zscir.cli.tracking import finish_wandb, log_wandb_summary
+from zscir.cli.train import train
+from zscir.methods import RetrievalMethod
 from zscir.retrieval.cache import GalleryCache
 from zscir.utils.io import file_stamp
 
@@ -111,21 +103,17 @@ def from_run_dir(cfg: DictConfig) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate one method on ``benchmark`` (or ``eval_benchmarks``); returns the metrics."""
+    """Evaluate one method on ``benchmark`` (or ``eval_benchmarks``); returns the metrics.
+
+    Raises:
+        FileExistsError: the run directory already holds results.
+        FileNotFoundError: ``run_dir`` or ``ckpt_path`` does not exist, or the run has no checkpoint.
+        ValueError: an invalid config, or nothing to evaluate.
+    """
     if cfg.get("run_dir"):
         from_run_dir(cfg)
-    validate_config(cfg, "eval")
-    check_launch(cfg)
-    run_dir = Path(cfg.paths.run_dir)
-    refuse_existing_results(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_global_zero():
-        mark_latest_sweep()
-    ensure_synthetic_world(cfg)
-    ensure_backbone(cfg)
-    torch.manual_seed(cfg.seed)
-
-    method = build_method(plain(cfg.backbone), plain(cfg.method))
+    run = prepare_run(cfg, "eval", train_recipe=train, before_provision=refuse_existing_results)
+    method, benchmarks, run_dir = run.method, run.benchmarks, run.run_dir
     if cfg.get("ckpt_path"):
         load_checkpoint(method, cfg.ckpt_path)
     elif cfg.get("run_dir") and method.trains:
@@ -133,7 +121,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"run {cfg.run_dir} trained {cfg.method.name} but has no checkpoint (checkpoints/last.ckpt); "
             "pass ckpt_path=... to evaluate other weights"
         )
-    benchmarks = build_benchmarks(benchmark_configs(cfg))
     if not benchmarks:
         raise ValueError("nothing to evaluate: set benchmark=<name> or eval_benchmarks=[...]")
     method.attach_benchmarks(
@@ -142,7 +129,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         num_workers=cfg.eval.num_workers,
         cache=GalleryCache(cfg.paths.cache_dir) if cfg.eval.cache_gallery else None,
     )
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, run.benchmark_names)
     failed = True
     try:
         for lg in loggers:
@@ -151,7 +138,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer.test(method, verbose=False)
         metrics = metrics_after_test(method, trainer, prefix_benchmark=len(benchmarks) > 1)
         if trainer.global_rank == 0:
-            _write_outputs(cfg, method, benchmarks, run_dir, metrics, loggers)
+            _write_outputs(cfg, method, benchmarks, run_dir, metrics, loggers, run.benchmark_names)
         failed = False
     finally:  # each evaluation (each job of `zscir-eval -m`) is its own W&B run
         finish_wandb(loggers, failed=failed)
@@ -165,6 +152,7 @@ def _write_outputs(
     run_dir: Path,
     metrics: dict[str, float],
     loggers: list,
+    benchmark_names: list[str],
 ) -> None:
     for bench in benchmarks:
         feats = method.eval_results.get(bench.name, {}).get("features")
@@ -178,7 +166,8 @@ def _write_outputs(
                 log.info("wrote submission file %s", path)
     write_examples(cfg, method, benchmarks, run_dir, loggers)
     log_wandb_summary(loggers, metrics, run_dir)
-    write_run_info(run_dir, cfg, "eval", metrics, Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None)
+    checkpoint = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    write_run_info(run_dir, cfg, "eval", metrics, checkpoint, benchmark_names)
     print_metrics(
         f"{cfg.get('label') or cfg.method.name} ({cfg.backbone.name}, {backbone_fingerprint(plain(cfg.backbone))[:8]}) -> {run_dir}",
         metrics,

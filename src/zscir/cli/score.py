@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zscir.data.benchmarks import BENCHMARKS, build_benchmark
-from zscir.data.benchmarks.base import PROTOCOLS
+from zscir.benchmarks import BENCHMARKS, build_benchmark
+from zscir.benchmarks.base import PROTOCOLS
 from zscir.utils.io import atomic_write_json
 
 
@@ -71,7 +71,7 @@ def score(
     if task is not None and benchmark != "genecis":
         raise ValueError("--task is a GeneCIS option")
     if benchmark == "fashioniq":
-        from zscir.data.benchmarks.fashioniq import FashionIQ
+        from zscir.benchmarks.fashioniq import FashionIQ
 
         options["category"] = category or FashionIQ.infer_category(
             root, split, arrays.get("gallery_ids", []), protocol

@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from zscir.cli.common import CONF_DIR, parse_config, plain
+from zscir.cli.config import CONF_DIR, parse_config, plain
 from zscir.data.synthetic import SynthConfig, generate_world
 
 

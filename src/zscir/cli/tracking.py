@@ -2,7 +2,7 @@
 
 Run identity: a run's name is its run directory's name (``<date>_<time>_<id>``, or the launcher's job
 id), prefixed by the sweep's name for multirun jobs. Every process of one run computes the same run
-directory (see ``run_stamp`` in ``common.py`` and Lightning's re-launch, which passes rank 0's
+directory (see ``run_stamp`` in ``launch.py`` and Lightning's re-launch, which passes rank 0's
 ``hydra.run.dir``), and only rank 0 ever creates the W&B run, so the W&B run id and name are rank 0's
 run name. A resumed run (same run directory) therefore re-attaches to its W&B run (``resume="allow"``).
 """

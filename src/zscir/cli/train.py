@@ -6,7 +6,7 @@
     zscir-train <same overrides> hydra.run.dir=<run dir> resume=last       # continue a killed/pre-empted run
 
 Sweep jobs are single-process: ``-m`` with a strategy that re-launches the script is refused
-(``common.check_launch``).
+(``zscir.cli.launch.check_launch``).
 
 A run directory holds one run: training into a directory that already has checkpoints or results is
 refused unless ``resume`` is given. ``resume=last`` continues from ``<run dir>/checkpoints/last.ckpt``
@@ -21,35 +21,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
-import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from zscir.benchmarks.base import Benchmark
 from zscir.cli.callbacks import AtomicCheckpointIO, Preempted, reliability_callbacks
-from zscir.cli.common import (
-    CONF_DIR,
-    benchmark_configs,
-    build_benchmarks,
-    build_loggers,
-    build_trainer,
-    check_launch,
-    ensure_backbone,
-    ensure_synthetic_world,
-    is_global_zero,
+from zscir.cli.config import CONF_DIR, parse_config, plain
+from zscir.cli.launch import is_global_zero
+from zscir.cli.outputs import (
     metrics_after_test,
-    parse_config,
-    plain,
     print_metrics,
-    validate_config,
     write_examples,
     write_resolved_config,
     write_run_info,
 )
-from zscir.cli.tracking import Throughput, finish_wandb, log_wandb_summary, mark_latest_sweep
-from zscir.data.benchmarks.base import Benchmark
+from zscir.cli.run import build_loggers, build_trainer, prepare_run
+from zscir.cli.tracking import Throughput, finish_wandb, log_wandb_summary
 from zscir.data.loaders import DataConfig, build_train_loader
-from zscir.methods import RetrievalMethod, build_method
+from zscir.methods import RetrievalMethod
 from zscir.retrieval.cache import GalleryCache
 from zscir.utils.io import remove_stale_temp_files
 
@@ -57,21 +47,22 @@ log = logging.getLogger("zscir")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train and evaluate one run described by ``cfg``; returns its metrics (``<benchmark>/<metric>``)."""
-    validate_config(cfg, "train")
-    check_launch(cfg)
-    run_dir = Path(cfg.paths.run_dir)
-    resume = resolve_resume(cfg.get("resume"), run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_global_zero():
-        mark_latest_sweep()
-    write_resolved_config(run_dir, cfg)
-    ensure_synthetic_world(cfg)
-    ensure_backbone(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    """Train and evaluate one run described by ``cfg``; returns its metrics (``<benchmark>/<metric>``).
 
-    method = build_method(plain(cfg.backbone), plain(cfg.method))
-    benchmarks = build_benchmarks(benchmark_configs(cfg))
+    Raises:
+        FileExistsError: the run directory already holds a run and ``resume`` is not set.
+        ValueError: an invalid config, or a ``checkpoint.monitor`` the validation never logs.
+    """
+    resume = None
+
+    def claim(run_dir: Path) -> None:
+        nonlocal resume
+        resume = resolve_resume(cfg.get("resume"), run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(run_dir, cfg)
+
+    run = prepare_run(cfg, "train", train_recipe=train, before_provision=claim)
+    method, benchmarks, run_dir = run.method, run.benchmarks, run.run_dir
     if method.trains:
         check_monitor(cfg.checkpoint.monitor, benchmarks)
     method.attach_benchmarks(
@@ -80,10 +71,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         num_workers=cfg.eval.num_workers,
         cache=GalleryCache(cfg.paths.cache_dir) if cfg.eval.cache_gallery else None,
     )
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, run.benchmark_names)
     failed = True
     try:
-        metrics = _fit_and_test(cfg, method, benchmarks, run_dir, loggers, resume)
+        metrics = _fit_and_test(cfg, method, benchmarks, run_dir, loggers, resume, run.benchmark_names)
         failed = False
     finally:  # every job of a multirun is its own W&B run, failed or not (STYLE.md §5, pitfall 3)
         finish_wandb(loggers, failed=failed)
@@ -97,6 +88,7 @@ def _fit_and_test(
     run_dir: Path,
     loggers: list,
     resume: str | None,
+    benchmark_names: list[str],
 ) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams(plain(cfg))
@@ -128,7 +120,7 @@ def _fit_and_test(
             parse_config(DataConfig, plain(cfg.data)),
             method.encoder.image_transform,
             seed=cfg.seed,
-            text_samples=getattr(method, "text_samples", None),  # a text-only method's own samples (LinCIR)
+            samples=method.training_samples(),  # the method's own training samples (LinCIR), if any
         )
         with preemption_exit():
             trainer.fit(method, train_dataloaders=loader, ckpt_path=resume)
@@ -146,7 +138,7 @@ def _fit_and_test(
     if trainer.global_rank == 0:
         write_examples(cfg, method, benchmarks, run_dir, loggers)
         log_wandb_summary(loggers, metrics, run_dir)
-        write_run_info(run_dir, cfg, "train", metrics, evaluated)
+        write_run_info(run_dir, cfg, "train", metrics, evaluated, benchmark_names)
         print_metrics(f"{cfg.get('label') or cfg.method.name} ({cfg.backbone.name}) -> {run_dir}", metrics)
     return metrics
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from zscir.data.benchmarks.base import DatasetLayoutError, ImageLoadError, ImageRef, load_rgb
+from zscir.utils.images import DatasetLayoutError, ImageLoadError, ImageRef, load_rgb
 from zscir.utils.io import atomic_write_json, file_stamp
 
 log = logging.getLogger(__name__)

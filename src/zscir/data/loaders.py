@@ -55,37 +55,57 @@ class DataConfig:
     shuffle_buffer: int = 10_000
 
 
-class TextSamples(Protocol):
-    """What a text-only method (LinCIR) supplies to turn caption files into its training samples."""
+class TrainingSamples(Protocol):
+    """A method's own training samples (:meth:`RetrievalMethod.training_samples`), built from the corpus
+    that the ``data`` config names, read by the loader: for ``kind=text`` a list of caption sources, for
+    ``kind=image_caption`` a list of :class:`~zscir.data.corpora.CaptionedImage`. LinCIR's self-masking
+    pipeline is one; a method with per-image state (SEARLE's pseudo-tokens) or its own image pipeline
+    (Pic2Word) supplies another, without touching the loader or the entry points."""
 
-    def dataset(self, sources: list[CaptionSource]) -> Dataset: ...
+    #: the ``data.kind`` values it can build samples from
+    data_kinds: tuple[str, ...]
 
-    def stream(self, sources: list[CaptionSource], shuffle_buffer: int, seed: int) -> IterableDataset: ...
+    def dataset(self, corpus: list) -> Dataset: ...
 
     def collate(self, items: list[dict]) -> dict: ...
 
+    #: streaming text corpora only: an endless stream of samples
+    def stream(self, sources: list[CaptionSource], shuffle_buffer: int, seed: int) -> IterableDataset: ...
+
 
 def build_train_loader(
-    cfg: DataConfig, image_transform: object, seed: int = 0, text_samples: TextSamples | None = None
+    cfg: DataConfig, image_transform: object, seed: int = 0, samples: TrainingSamples | None = None
 ) -> DataLoader:
-    """The training loader of ``cfg``; ``text_samples`` (a method's own text pipeline) replaces the plain
-    ``{"index", "caption"}`` samples of a text corpus. In-memory corpora get a
-    :class:`~zscir.data.samplers.ResumableDataLoader` (resumable mid-epoch); a streaming corpus does not
-    (a resumed run restarts its stream)."""
+    """The training loader of ``cfg``; ``samples`` (a method's own pipeline) replaces the plain samples of
+    the corpus (``{"index", "pixels", "caption", "key"}`` image-caption pairs, ``{"index", "caption"}``
+    captions). In-memory corpora get a :class:`~zscir.data.samplers.ResumableDataLoader` (resumable
+    mid-epoch); a streaming corpus does not (a resumed run restarts its stream).
+
+    Raises:
+        ValueError: an unknown ``data.kind``, a kind ``samples`` cannot use, or less than one batch of data.
+    """
+    if cfg.kind not in ("image_caption", "text"):
+        raise ValueError(f"data.kind must be 'image_caption' or 'text', got {cfg.kind!r}")
+    if samples is not None and cfg.kind not in samples.data_kinds:
+        raise ValueError(
+            f"data.kind={cfg.kind} cannot feed this method, which trains on data.kind in {list(samples.data_kinds)}"
+        )
     if cfg.kind == "text" and cfg.streaming:
-        return _streaming_text_loader(cfg, seed, text_samples)
+        return _streaming_text_loader(cfg, seed, samples)
     if cfg.kind == "image_caption":
-        samples = load_captioned_images(cfg.format, cfg.path, cfg.captions_dir, cfg.image_root)
-        dataset = ImageCaptionDataset(samples[: cfg.max_samples], image_transform)
-        collate = collate_skip_none
-    elif cfg.kind == "text":
+        corpus = load_captioned_images(cfg.format, cfg.path, cfg.captions_dir, cfg.image_root)[
+            : cfg.max_samples
+        ]
+        if samples is not None:
+            dataset, collate = samples.dataset(corpus), samples.collate
+        else:
+            dataset, collate = ImageCaptionDataset(corpus, image_transform), collate_skip_none
+    else:
         sources = expand_text_sources(cfg.path, cfg.text_field, cfg.max_samples)
-        if text_samples is not None:
-            dataset, collate = text_samples.dataset(sources), text_samples.collate
+        if samples is not None:
+            dataset, collate = samples.dataset(sources), samples.collate
         else:
             dataset, collate = TextDataset(load_captions(sources)), None
-    else:
-        raise ValueError(f"data.kind must be 'image_caption' or 'text', got {cfg.kind!r}")
     if len(dataset) < cfg.batch_size and cfg.drop_last:
         raise ValueError(
             f"{cfg.path}: {len(dataset)} samples is less than one batch of {cfg.batch_size} with drop_last=true"
@@ -102,14 +122,14 @@ def build_train_loader(
     )
 
 
-def _streaming_text_loader(cfg: DataConfig, seed: int, text_samples: TextSamples | None) -> DataLoader:
+def _streaming_text_loader(cfg: DataConfig, seed: int, samples: TrainingSamples | None) -> DataLoader:
     if cfg.max_samples is not None:
         raise ValueError(
             "data.max_samples applies to in-memory corpora; a streaming corpus reads whole files"
         )
     sources = expand_text_sources(cfg.path, cfg.text_field)
-    if text_samples is not None:
-        dataset, collate = text_samples.stream(sources, cfg.shuffle_buffer, seed), text_samples.collate
+    if samples is not None:
+        dataset, collate = samples.stream(sources, cfg.shuffle_buffer, seed), samples.collate
     else:
         dataset, collate = StreamingSamples(sources, caption_samples, cfg.shuffle_buffer, seed), None
     return DataLoader(

@@ -102,6 +102,9 @@ class SelfMasking:
         tokenizer: CLIP BPE tokenizer called on a list of texts (default: ``clip_bpe(context_length)``).
     """
 
+    #: LinCIR trains on text alone (``zscir.data.loaders.TrainingSamples``)
+    data_kinds = ("text",)
+
     def __init__(
         self,
         options: KeywordOptions,

@@ -22,7 +22,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from zscir.data.benchmarks.base import DatasetLayoutError
+from zscir.utils.images import DatasetLayoutError
 from zscir.utils.io import file_stamp
 
 #: file suffix -> format

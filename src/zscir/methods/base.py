@@ -1,10 +1,11 @@
-"""The shared base of every method: one retrieval contract and one evaluation loop.
+"""The shared base of every method: the retrieval contract.
 
 A method implements :meth:`RetrievalMethod.compose` (query features from reference images and
-caption texts) and, if it trains, :meth:`training_step`. Everything about evaluation — gallery
-encoding (sharded over ranks, cached on disk when the image tower is unchanged), query encoding
-through Lightning's validation/test loops, gathering and de-duplicating across ranks, scoring,
-logging ``val/<benchmark>/<metric>`` — lives here, so no method re-implements it.
+caption texts) and, if it trains, :meth:`training_step`; the base holds what every method shares:
+the gallery encoder, tower freezing, the optimiser and schedule, and checkpoint hygiene. Evaluation —
+gallery encoding (sharded over ranks, cached on disk when the image tower is unchanged), query encoding,
+gathering and de-duplicating across ranks, scoring — is :class:`zscir.evaluation.EvaluationLoop`; the
+Lightning validation/test hooks here only delegate to it and log ``val/<benchmark>/<metric>``.
 
 A benchmark protocol may prescribe the query composition itself (GeneCIS under ``protocol="pli"``:
 ``normalize(0.5·f_img + 0.5·f_txt)`` of the unnormalised tower features, ``Benchmark.query_rule``). The
@@ -17,7 +18,6 @@ rule would score something the method never computes, so they are refused at att
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -29,16 +29,14 @@ import lightning as L
 import torch
 from omegaconf import MISSING, OmegaConf
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from torch.utils.data import DataLoader
 
 from zscir.backbones import Encoder, backbone_fingerprint, build_encoder
-from zscir.data.benchmarks.base import Benchmark
-from zscir.data.eval_data import GalleryDataset, QueryDataset, collate_queries
-from zscir.data.samplers import BatchShardSampler, batch_shard
-from zscir.metrics.modules import BenchmarkMetric
+from zscir.benchmarks.base import Benchmark
+from zscir.data.loaders import TrainingSamples
+from zscir.evaluation import EvaluationLoop
 from zscir.retrieval.cache import GalleryCache, cache_key
-from zscir.retrieval.search import LIKELY_CAUSE, NonFiniteFeatures, normalize
+from zscir.retrieval.search import LIKELY_CAUSE, NonFiniteFeatures
 from zscir.text.placeholder import MissingPlaceholders
 
 log = logging.getLogger(__name__)
@@ -143,14 +141,12 @@ class RetrievalMethod(L.LightningModule):
         ) in self.encoder.parameters():  # e.g. the library's own logit_scale: methods own their temperature
             if id(p) not in towers:
                 p.requires_grad_(False)
-        self.benchmarks: list[Benchmark] = []
-        self.eval_batch_size, self.eval_workers = 64, 0
-        self.gallery_cache: GalleryCache | None = None
+        #: the evaluation loop over the attached benchmarks (none until :meth:`attach_benchmarks`)
+        self.evaluation = EvaluationLoop([], self.encoder.image_transform, self.encoder.image_size)
         #: identifies weights loaded from a checkpoint (part of the gallery cache key)
         self.weights_tag = ""
         #: set once this process has trained the image tower: its gallery features are then never cached
         self.image_tower_trained = False
-        self._metrics: list[BenchmarkMetric] = []
         #: {benchmark name: {"metrics": ..., "features": (query, gallery)}} after each evaluation
         self.eval_results: dict[str, dict] = {}
         #: composed prompts that lost their pseudo-word, reported once per evaluation
@@ -172,6 +168,11 @@ class RetrievalMethod(L.LightningModule):
         return self.encoder.encode_image(batch["pixels"]), self.encoder.encode_text(
             self.encoder.tokenize(batch["texts"])
         )
+
+    def training_samples(self) -> TrainingSamples | None:
+        """The method's own training samples for the ``data`` corpus (:class:`~zscir.data.loaders.TrainingSamples`),
+        or None for the corpus's plain samples (image-caption pairs, captions)."""
+        return None
 
     @property
     def trains(self) -> bool:
@@ -236,7 +237,7 @@ class RetrievalMethod(L.LightningModule):
         for name in info.get("omitted", []):
             checkpoint["state_dict"].setdefault(name, own[name])
 
-    # ---- evaluation plumbing ------------------------------------------------------------------
+    # ---- evaluation: Lightning's hooks delegate to the one loop (zscir.evaluation) ---------------
     def attach_benchmarks(
         self,
         benchmarks: list[Benchmark],
@@ -257,38 +258,19 @@ class RetrievalMethod(L.LightningModule):
                 f"the image and text towers' features, but {type(self).__name__} does not compose its query "
                 "from its towers, so that protocol cannot score it; set benchmark.protocol=official"
             )
-        self.benchmarks = list(benchmarks)
-        self.eval_batch_size, self.eval_workers, self.gallery_cache = batch_size, num_workers, cache
-        self._metrics = [BenchmarkMetric(b, sync_on_compute=True) for b in self.benchmarks]
+        self.evaluation = EvaluationLoop(
+            benchmarks, self.encoder.image_transform, self.encoder.image_size, batch_size, num_workers, cache
+        )
 
-    def _query_loaders(self) -> list[DataLoader]:
-        # ranks take whole single-process batches (BatchShardSampler), so DDP features are bitwise those
-        # of one process; padding batches are dropped again by position in BenchmarkMetric
-        return [
-            DataLoader(
-                dataset,
-                batch_size=self.eval_batch_size,
-                sampler=BatchShardSampler(len(dataset), self.eval_batch_size),
-                num_workers=self.eval_workers,
-                collate_fn=collate_queries,
-                persistent_workers=self.eval_workers > 0,
-            )
-            for dataset in (
-                QueryDataset(b, self.encoder.image_transform, self.encoder.image_size)
-                for b in self.benchmarks
-            )
-        ]
+    @property
+    def benchmarks(self) -> list[Benchmark]:
+        """The attached benchmarks (:meth:`attach_benchmarks`)."""
+        return self.evaluation.benchmarks
 
-    def val_dataloader(self) -> list[DataLoader]:
-        return self._query_loaders()
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._query_loaders()
-
-    def _gallery_key(self, benchmark: Benchmark) -> str | None:
+    def gallery_key(self, benchmark: Benchmark) -> str | None:
         """Cache key of a benchmark's gallery features, or None when they must be encoded afresh
-        (no cache, or image-tower weights changed by training in this process)."""
-        if self.gallery_cache is None or self.image_tower_trained:
+        (image-tower weights changed by training in this process)."""
+        if self.image_tower_trained:
             return None
         return cache_key(
             backbone=backbone_fingerprint(self.backbone_cfg),
@@ -298,97 +280,27 @@ class RetrievalMethod(L.LightningModule):
             transform=self.encoder.transform_id,
         )
 
-    @torch.no_grad()
-    def _encode_gallery_sharded(self, benchmark: Benchmark) -> Tensor:
-        """Encode the whole gallery, each rank whole batches of it (:func:`batch_shard`), then all-gather
-        to every rank."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        dataset = GalleryDataset(benchmark, self.encoder.image_transform)
-        share = Subset(dataset, batch_shard(len(dataset), self.eval_batch_size, rank, world, pad=False))
-        loader = DataLoader(
-            share, batch_size=self.eval_batch_size, num_workers=self.eval_workers, shuffle=False
-        )
-        context = (
-            self.trainer.precision_plugin.forward_context()
-            if self._trainer is not None
-            else contextlib.nullcontext()
-        )
-        index, feats = [], []
-        with context:
-            for batch in tqdm(
-                loader,
-                desc=f"gallery {benchmark.name} ({len(dataset)} images)",
-                disable=rank != 0,
-                leave=False,
-            ):
-                feats.append(self.encode_gallery(batch["pixels"].to(self.device)).float())
-                index.append(batch["index"].to(self.device))
-        index = torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=self.device)
-        feats = torch.cat(feats) if feats else torch.empty(0, self.encoder.embed_dim, device=self.device)
-        if world > 1:  # shares differ in size by at most a batch: pad them for all_gather
-            per_rank = max(
-                len(batch_shard(len(dataset), self.eval_batch_size, r, world, pad=False))
-                for r in range(world)
-            )
-            pad = per_rank - index.shape[0]
-            index = torch.cat([index, index.new_full((pad,), -1)])
-            feats = torch.cat([feats, feats.new_zeros(pad, feats.shape[1])])
-            index, feats = (
-                self.all_gather(index).reshape(-1),
-                self.all_gather(feats).reshape(-1, feats.shape[1]),
-            )
-            keep = index >= 0
-            index, feats = index[keep], feats[keep]
-        out = torch.empty(len(dataset), feats.shape[1], device=feats.device)
-        out[index] = feats
-        return out
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.evaluation.query_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.evaluation.query_loaders()
 
     @explains_nonfinite
     def _prepare_galleries(self) -> None:
-        for benchmark, metric in zip(self.benchmarks, self._metrics):
-            metric.to(self.device)
-            metric.reset()
-            key = self._gallery_key(benchmark)
-            ids = [r.image_id for r in benchmark.gallery]
-            feats = self.gallery_cache.load(key, ids) if key else None
-            # encoding is collective: if any rank missed the cache (another run writing the entry right
-            # now), every rank must encode, or the others would wait forever in all_gather
-            distributed = self._trainer is not None and self.trainer.world_size > 1
-            if distributed and not self.trainer.strategy.reduce_boolean_decision(feats is not None, all=True):
-                feats = None
-            if feats is None:
-                feats = self._encode_gallery_sharded(benchmark)
-                metric.set_gallery(feats.to(self.device))  # refuses NaN/inf before they can be cached
-                if key and self.global_rank == 0:
-                    self.gallery_cache.save(key, ids, feats)
-            else:
-                log.info("gallery features of %s loaded from the cache", benchmark.name)
-                metric.set_gallery(feats.to(self.device))
+        self.evaluation.prepare_galleries(self.encode_gallery, self.gallery_key, self)
 
     def _query_step(self, batch: dict, dataloader_idx: int) -> None:
-        n_variants = len(batch["texts"])
-        benchmark = self.benchmarks[dataloader_idx]
-        query_ids = [f"{benchmark.name}:{benchmark.queries[i].query_id}" for i in batch["index"].tolist()]
-        rule = benchmark.query_rule  # the protocol's composition, if it has one
-        feats = 0
-        for texts in batch["texts"]:  # caption variants: average of normalised features (FashionIQ)
-            variant = {"pixels": batch["pixels"], "texts": texts, "query_ids": query_ids}
-            query = self.compose(variant) if rule is None else rule(*self.encode_towers(variant))
-            feats = feats + normalize(query)
-        self._metrics[dataloader_idx].update("query", batch["index"], normalize(feats / n_variants))
+        self.evaluation.query_step(batch, dataloader_idx, self.compose, self.encode_towers)
 
     @explains_nonfinite  # a refused compute leaves no metrics and no features: nothing can be written
     def _finish_eval(self, stage: str) -> None:
         if warning := self.missing_placeholders.report():
             log.warning("%s (%s, this process)", warning, stage)
-        self.eval_results = {}
-        for benchmark, metric in zip(self.benchmarks, self._metrics):
-            values = metric.compute()
-            self.eval_results[benchmark.name] = {"metrics": values, "features": metric.features}
-            for name, value in values.items():
-                self.log(f"{stage}/{benchmark.name}/{name}", value, sync_dist=True)
-            metric.reset()
+        self.eval_results = {}  # stays empty when finish refuses non-finite features
+        self.eval_results = self.evaluation.finish(
+            lambda name, value: self.log(f"{stage}/{name}", value, sync_dist=True)
+        )
 
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:

@@ -29,14 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from zscir.backbones import backbone_fingerprint
 from zscir.cam import CamCache, CamSpec, NounCams, cache_namespace, masked_features
-from zscir.cam.masks import MODES, REGIONS
+from zscir.cam.gradcam import upsample_cams
+from zscir.cam.grid import GridRow, denormalize, save_cam_grid
+from zscir.cam.masks import MODES, REGIONS, visible
 from zscir.methods.base import MethodConfig, RetrievalMethod
 from zscir.methods.inversion import DEFAULT_TEMPLATE, Phi, encode_with_template
+from zscir.methods.losses import contrastive_loss
 from zscir.text.nouns import SAMPLING, NounChoice, NounSelector
 from zscir.text.placeholder import fit_prompts, isolate, require_placeholders
 
@@ -51,6 +55,8 @@ class CamTIConfig(MethodConfig):
     temperature: float = 0.01
     #: query->image and image->query cross-entropy (Pic2Word); False: query->image only (PLI)
     symmetric: bool = True
+    #: under DDP: images and queries of every rank are candidates (all_gather with gradients); W x B == 1 x W*B
+    gather_negatives: bool = True
     # ---- image masking
     tau: float = 0.3
     #: background: hide CAM < tau (the noun's region stays); object: hide CAM >= tau
@@ -93,25 +99,6 @@ class CamTIConfig(MethodConfig):
     normalize_phi_input: bool = False
 
 
-def contrastive_loss(
-    queries: Tensor, images: Tensor, labels: Tensor, temperature: float, symmetric: bool
-) -> Tensor:
-    """In-batch InfoNCE on cosine similarities.
-
-    Args:
-        queries: [Q, D] query features; ``labels`` [Q] is the row of each query's positive in ``images``.
-        images: [B, D] image features (every row is a candidate for every query).
-        symmetric: also the image->query direction, over the Q labelled images and the Q queries.
-    """
-    q = F.normalize(queries.float(), dim=-1)
-    v = F.normalize(images.float(), dim=-1)
-    loss = F.cross_entropy(q @ v.T / temperature, labels)
-    if symmetric:
-        back = torch.arange(q.shape[0], device=q.device)
-        loss = (loss + F.cross_entropy(v[labels] @ q.T / temperature, back)) / 2
-    return loss
-
-
 def clean_caption(caption: str) -> str:
     """A literal ``$`` in a caption would be read as the pseudo-word (LinCIR removes it too)."""
     return " ".join(caption.replace("$", " ").split())
@@ -121,7 +108,6 @@ class CamTI(RetrievalMethod):
     """Frozen CLIP + trainable φ, trained with CAM-masked image–caption pairs."""
 
     Config = CamTIConfig
-    data_kind = "image_caption"
 
     def __init__(self, backbone: dict, config: dict):
         super().__init__(backbone, config)
@@ -214,7 +200,7 @@ class CamTI(RetrievalMethod):
 
         ids_orig = self.encoder.tokenize([isolate(c.original_template)] * full.shape[0]).to(full.device)
         original = self.encoder.encode_text_with_pseudo(ids_orig, self.invert(full))
-        out = {"original": contrastive_loss(original, full, labels, c.temperature, c.symmetric)}
+        out = {"original": self.contrastive(original, full, labels)}
 
         # every row that does not reach the query-target loss is counted, by reason, as a share of the batch
         zero, size = full.new_zeros((), dtype=torch.float32), full.shape[0]
@@ -247,7 +233,13 @@ class CamTI(RetrievalMethod):
         if rows:
             query = self.encoder.encode_text_with_pseudo(tokens, self.invert(masked))
             rows_t = torch.tensor(rows, device=full.device)
-            out["query_target"] = contrastive_loss(query, full, rows_t, c.temperature, c.symmetric)
+            out["query_target"] = self.contrastive(query, full, rows_t)
+        elif (
+            c.gather_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ):
+            # the gather is a collective: a rank without queries joins it (and its backward) with none
+            empty = full.new_zeros(0, full.shape[1], requires_grad=True)
+            out["query_target"] = self.contrastive(empty, full, labels[:0])
         else:
             out["query_target"] = zero
         out.setdefault("visible_fraction", zero)
@@ -255,6 +247,11 @@ class CamTI(RetrievalMethod):
         out["dropped_fraction"] = zero + 1.0 - len(rows) / size  # no noun, truncated or blank
         out["loss"] = c.lam * out["query_target"] + out["original"]
         return out
+
+    def contrastive(self, queries: Tensor, images: Tensor, labels: Tensor) -> Tensor:
+        """Both loss terms' InfoNCE (:func:`~zscir.methods.losses.contrastive_loss`) with this config."""
+        c = self.cfg
+        return contrastive_loss(queries, images, labels, c.temperature, c.symmetric, c.gather_negatives)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         terms = self.losses(batch)
@@ -280,12 +277,48 @@ class CamTI(RetrievalMethod):
             path = Path(self.cfg.cam_grid_path or Path(self.trainer.default_root_dir) / "cam_grid.png")
             self.write_cam_grid(batch, path, self.cfg.cam_grid)
 
+    def cam_grid_rows(self, batch: dict, n: int) -> list[GridRow]:
+        """The first ``n`` samples of an image–caption batch, as CAM-TI sees them in training."""
+        c = self.cfg
+        n = min(n, batch["pixels"].shape[0])
+        sub = {k: v[:n] for k, v in batch.items() if k in ("pixels", "caption", "key", "index")}
+        choices = self.choose_nouns(sub)
+        ids, real = self._image_ids(sub)
+        rows = [i for i, ch in enumerate(choices) if ch is not None]
+        pixels = sub["pixels"]
+        maps = {}
+        if rows:
+            grid = self.cams(
+                pixels[rows], [choices[i].noun for i in rows], [ids[i] for i in rows] if real else None
+            )
+            up = upsample_cams(grid, tuple(pixels.shape[-2:]))
+            maps = {r: m for r, m in zip(rows, up)}
+        out = []
+        for i in range(n):
+            caption, ch = clean_caption(sub["caption"][i]), choices[i]
+            image = denormalize(pixels[i], self.encoder.image_transform)
+            if ch is None:
+                out.append(GridRow(image, None, None, caption, None, "no noun: original loss only"))
+                continue
+            if c.mask_mode == "tokens":  # whole patches, decided on the patch grid
+                gh, gw = self.encoder.grid_size
+                patch_keep = visible(grid[rows.index(i)], c.tau, c.mask_region)
+                keep = patch_keep.repeat_interleave(pixels.shape[-2] // gh, 0).repeat_interleave(
+                    pixels.shape[-1] // gw, 1
+                )
+            else:
+                keep = visible(maps[i], c.tau, c.mask_region)
+            masked = denormalize(
+                pixels[i] * keep.to(pixels.device, pixels.dtype), self.encoder.image_transform
+            )
+            note = f"{ch.noun!r}: tau {c.tau}, {c.mask_region} hidden ({c.mask_mode}), {100 * keep.float().mean():.0f} % visible"
+            out.append(GridRow(image, maps[i].cpu().numpy(), masked, caption, (ch.start, ch.end), note))
+        return out
+
     def write_cam_grid(self, batch: dict, path: str | Path, n: int) -> Path:
         """A PNG of the first ``n`` samples of ``batch``: image, CAM heat map, masked image, caption."""
-        from zscir.cam.grid import cam_grid_rows, save_cam_grid
-
         c = self.cfg
-        rows = cam_grid_rows(self, batch, n)
+        rows = self.cam_grid_rows(batch, n)
         title = f"CAM-TI: {'counterfactual ' if c.cam_negate else ''}Grad-CAM of '{c.cam_prompt}' (block {c.cam_block}), tau {c.tau}, {c.mask_region} hidden"
         save_cam_grid(rows, path, title)
         log.info("wrote the CAM grid of %d samples to %s", len(rows), path)

@@ -5,7 +5,7 @@ training the encoder's weights can be exported as a plain state dict (``export_b
 backbone config loads with ``checkpoint=``.
 
 Under DDP, ``gather_negatives`` (default on) scores each rank's pairs against the pairs of every rank
-(:func:`zscir.methods.distributed.clip_loss`), so ``W`` processes × batch ``B`` train
+(:func:`zscir.methods.losses.clip_loss`), so ``W`` processes × batch ``B`` train
 exactly like 1 process × batch ``W·B``. Turned off, each rank's loss uses only its local ``B - 1``
 negatives (cheaper, but a different objective). Single-process runs are the same either way.
 """
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from zscir.methods.base import MethodConfig, RetrievalMethod
-from zscir.methods.distributed import clip_loss
+from zscir.methods.base import MethodConfig, OptimConfig, RetrievalMethod
+from zscir.methods.losses import clip_loss
 from zscir.retrieval.search import normalize
 from zscir.utils.io import atomic_write
 
@@ -34,6 +34,11 @@ class CLIPPretrainConfig(MethodConfig):
     gather_negatives: bool = True
     #: where to write the trained encoder's state dict (None: nowhere)
     export_backbone: str | None = None
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr=5e-4, weight_decay=0.1, betas=[0.9, 0.98], eps=1e-6, scheduler="cosine", warmup_steps=50
+        )
+    )
 
 
 class CLIPPretrain(RetrievalMethod):
@@ -41,7 +46,6 @@ class CLIPPretrain(RetrievalMethod):
 
     Config = CLIPPretrainConfig
     frozen_towers = ()
-    data_kind = "image_caption"
 
     def __init__(self, backbone: dict, config: dict):
         super().__init__(backbone, config)

@@ -79,10 +79,14 @@ class LinCIR(RetrievalMethod):
                 f"LinCIR tokenises training captions with the CLIP BPE; backbone {self.backbone_cfg.get('name')!r} "
                 "tokenises differently"
             )
-        #: the training samples this method needs from a text corpus (used by build_train_loader)
+        #: the training samples this method makes from a text corpus (:meth:`training_samples`)
         self.text_samples = SelfMasking(
             c.keywords, enc.context_length, enc.placeholder_id, c.fallback_prompt, tokenizer
         )
+
+    def training_samples(self) -> SelfMasking:
+        """Self-masked captions (LinCIR's own pipeline) from a ``data.kind=text`` corpus."""
+        return self.text_samples
 
     # ---- training -------------------------------------------------------------------------------
     def self_masking_loss(self, ids: Tensor, masked_ids: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from zscir.backbones import random_keep
 from zscir.methods.base import MethodConfig, OptimConfig, RetrievalMethod, lr_lambda
-from zscir.methods.distributed import info_nce
+from zscir.methods.losses import info_nce
 from zscir.retrieval.search import normalize
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def pli_loss(
     ``normalize``: ``none`` (official CLIP: raw features), ``target`` (official BLIP: only the target is
     normalised), ``both`` (cosine similarity). Computed in float32 (features may come from bf16 autocast).
     ``gather_negatives``: under DDP, the targets of every rank are candidates (see
-    :func:`zscir.methods.distributed.info_nce`); one process computes the same either way.
+    :func:`zscir.methods.losses.info_nce`); one process computes the same either way.
     """
     if normalize not in NORMALIZE_CHOICES:
         raise ValueError(f"normalize must be one of {NORMALIZE_CHOICES}, got {normalize!r}")
@@ -127,7 +127,6 @@ class PLI(RetrievalMethod):
     Config = PLIConfig
     frozen_towers: tuple[str, ...] = ()  # decided per instance by ``tune``
     composes_from_towers = True
-    data_kind = "image_caption"
 
     def __init__(self, backbone: dict, config: dict):
         super().__init__(backbone, config)

@@ -2,7 +2,7 @@
 
 Conventions shared by every function: cosine similarity on L2-normalised float32 features, ranking
 descending with ties broken towards the lower gallery index (GeneCIS: towards the target), results in
-percent. Ids are resolved to gallery indices by the benchmark classes (``zscir.data.benchmarks``),
+percent. Ids are resolved to gallery indices by the benchmark classes (``zscir.benchmarks``),
 which hold each benchmark's rules; these functions only count.
 """
 

@@ -1,4 +1,10 @@
-"""Contrastive losses under DDP: negatives from every rank, gradients back to the rank that owns them.
+"""The contrastive (InfoNCE) losses of every method, with negatives from every rank under DDP.
+
+:func:`info_nce` (PLI), :func:`clip_loss` (CLIP pre-training) and :func:`contrastive_loss` (CAM-TI) are one
+computation: cross-entropy of query-target logits with each query's own target as the label, optionally
+in both directions; they differ only in how the logits are scaled and which targets are positives.
+
+Under DDP, gradients go back to the rank that owns the gathered rows.
 
 With ``W`` processes each holding ``B`` pairs, an InfoNCE loss over the local batch sees only ``B - 1``
 negatives, so ``W × B`` training is not ``1 × W·B`` training. :func:`gather_for_contrastive` all-gathers
@@ -83,26 +89,81 @@ def clip_loss(image: Tensor, text: Tensor, scale: Tensor | float, gather_negativ
 
 
 def info_nce(
-    query: Tensor, target: Tensor, scale: Tensor | float, symmetric: bool, gather_negatives: bool = True
+    query: Tensor,
+    target: Tensor,
+    scale: Tensor | float | None,
+    symmetric: bool,
+    gather_negatives: bool = True,
+    labels: Tensor | None = None,
+    temperature: float | None = None,
 ) -> Tensor:
-    """Cross-entropy of ``scale · query · targetᵀ`` with each row's own target as the label (features are
-    used as given: normalise first for cosine logits); ``symmetric`` adds the target → query direction.
+    """Cross-entropy of ``scale · query · targetᵀ`` (or ``query · targetᵀ / temperature``) with each query's
+    own target as the label (features are used as given: normalise first for cosine logits);
+    ``symmetric`` adds the positive-target → query direction over the queries.
 
-    ``gather_negatives``: under DDP, every rank's targets (and queries) are candidates, as in one process
-    holding the global batch; the returned per-rank value is weighted so its mean over ranks is the
-    global-batch loss.
+    Args:
+        query: [Q, D] query features.
+        target: [B, D] target features; every row is a candidate for every query.
+        scale: logit scale (CLIP's ``logit_scale.exp()``), or None when ``temperature`` is given.
+        labels: [Q] row of each query's positive in ``target``; None: ``arange(Q)`` (Q == B).
+        temperature: divide the logits by it instead of multiplying by ``scale`` (CAM-TI).
+        gather_negatives: under DDP, every rank's targets (and queries) are candidates, as in one process
+            holding the global batch; the returned per-rank value is weighted so its mean over ranks is the
+            global-batch loss. Without a process group both settings are the same computation.
+
+    Raises:
+        ValueError: not exactly one of ``scale`` and ``temperature`` is given.
     """
-    gathered = gather_for_contrastive(query, target) if gather_negatives else None
+    if (scale is None) == (temperature is None):
+        raise ValueError("info_nce needs exactly one of scale (multiplies) and temperature (divides)")
+
+    def logits(a: Tensor, b: Tensor) -> Tensor:
+        return scale * a @ b.T if temperature is None else a @ b.T / temperature
+
+    positives = target if labels is None else target[labels]
+    if labels is None:  # one gather: the pairs' targets are the candidates
+        gathered = gather_for_contrastive(query, target) if gather_negatives else None
+        targets = gathered
+    else:  # the queries and the whole target batch are gathered separately (Q != B)
+        gathered = gather_for_contrastive(query) if gather_negatives else None
+        targets = gather_for_contrastive(target) if gather_negatives else None
     if gathered is None or gathered.world_size == 1:
         all_query, all_target, weight = query, target, 1.0
-        labels = torch.arange(query.shape[0], device=query.device)
+        back = torch.arange(query.shape[0], device=query.device)
+        forward = back if labels is None else labels
     else:
-        (all_query, all_target), weight = gathered.tensors, gathered.weight
-        labels = gathered.labels(query.device)
-    loss = F.cross_entropy(scale * query @ all_target.T, labels)
+        all_query, all_target, weight = gathered.tensors[0], targets.tensors[-1], gathered.weight
+        back = gathered.labels(query.device)
+        forward = back if labels is None else labels + targets.offset
+        if query.shape[0] == 0:  # a rank without queries still takes part in the gathers' backward
+            return 0.0 * (all_query.sum() + all_target.sum())
+    loss = F.cross_entropy(logits(query, all_target), forward)
     if symmetric:
-        loss = (loss + F.cross_entropy(scale * target @ all_query.T, labels)) / 2
+        loss = (loss + F.cross_entropy(logits(positives, all_query), back)) / 2
     return weight * loss
+
+
+def contrastive_loss(
+    queries: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    temperature: float,
+    symmetric: bool,
+    gather_negatives: bool = True,
+) -> Tensor:
+    """CAM-TI's in-batch InfoNCE on cosine similarities (Pic2Word's loss; see :func:`info_nce`).
+
+    Args:
+        queries: [Q, D] query features; ``labels`` [Q] is the row of each query's positive in ``images``.
+        images: [B, D] image features (every row is a candidate for every query).
+        symmetric: also the image->query direction, over the Q labelled images and the Q queries.
+        gather_negatives: under DDP, every rank's images and queries are candidates.
+    """
+    q = F.normalize(queries.float(), dim=-1)
+    v = F.normalize(images.float(), dim=-1)
+    return info_nce(
+        q, v, None, symmetric, gather_negatives=gather_negatives, labels=labels, temperature=temperature
+    )
 
 
 def gather_for_contrastive(*tensors: Tensor) -> ContrastiveGather:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zscir.data.benchmarks.base import (
+from zscir.benchmarks.base import (
     AnnotationError,
     Benchmark,
     ImageRef,
@@ -35,8 +35,8 @@ from zscir.data.benchmarks.base import (
     read_json,
     require_keys,
 )
+from zscir.benchmarks.submissions import validate_circo
 from zscir.metrics.functional import average_precision_at_k, circo_metrics_from_ranking
-from zscir.metrics.submissions import validate_circo
 from zscir.retrieval.search import topk_search
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
 
-from zscir.data.benchmarks.base import Benchmark, ImageRef, Query
+from zscir.benchmarks.base import Benchmark, ImageRef, Query
 from zscir.retrieval.search import check_finite, normalize
 from zscir.utils.io import atomic_write
 

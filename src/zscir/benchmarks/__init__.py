@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from zscir.data.benchmarks.base import (
+from zscir.benchmarks.base import (
     AnnotationError,
     Benchmark,
     DatasetLayoutError,
@@ -27,25 +27,41 @@ __all__ = [
     "ImageLoadError",
     "ImageRef",
     "Query",
+    "benchmark_class",
     "build_benchmark",
 ]
 
 BENCHMARKS: dict[str, str] = {
-    "fashioniq": "zscir.data.benchmarks.fashioniq:FashionIQ",
-    "cirr": "zscir.data.benchmarks.cirr:CIRR",
-    "circo": "zscir.data.benchmarks.circo:CIRCO",
-    "genecis": "zscir.data.benchmarks.genecis:GeneCIS",
-    "caption_to_image": "zscir.data.benchmarks.caption_to_image:CaptionToImage",
+    "fashioniq": "zscir.benchmarks.fashioniq:FashionIQ",
+    "cirr": "zscir.benchmarks.cirr:CIRR",
+    "circo": "zscir.benchmarks.circo:CIRCO",
+    "genecis": "zscir.benchmarks.genecis:GeneCIS",
+    "caption_to_image": "zscir.benchmarks.caption_to_image:CaptionToImage",
 }
+
+
+def benchmark_class(kind: str) -> type[Benchmark]:
+    """The class registered for ``kind`` in :data:`BENCHMARKS`.
+
+    Raises:
+        KeyError: ``kind`` is not registered (the message lists the known kinds).
+    """
+    if kind not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {kind!r}; available: {', '.join(sorted(BENCHMARKS))}")
+    module, name = BENCHMARKS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_benchmark(
     kind: str, root: str, split: str, name: str | None = None, **options: object
 ) -> Benchmark:
-    if kind not in BENCHMARKS:
-        raise KeyError(f"unknown benchmark {kind!r}; available: {', '.join(sorted(BENCHMARKS))}")
-    module, name_ = BENCHMARKS[kind].split(":")
-    cls = getattr(importlib.import_module(module), name_)
+    """Load benchmark ``kind`` (:data:`BENCHMARKS`) from ``root``, split ``split``, with its own options.
+
+    Raises:
+        KeyError: ``kind`` is not registered.
+        ValueError: an option the benchmark class does not take.
+    """
+    cls = benchmark_class(kind)
     accepted = [
         p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "root", "split", "name")
     ]

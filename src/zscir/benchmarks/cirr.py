@@ -13,7 +13,7 @@ reference, ranked in the order of the reference-free global ranking. ``test1`` h
 writes the two server files instead.
 
 ``protocol="pli"`` (PLI's ``data/cirr.py`` and ``cirr_test_submission.py``): the same gallery, reference
-removal and ranking rules, but each caption is rewritten by :func:`~zscir.data.benchmarks.base.pli_caption`
+removal and ranking rules, but each caption is rewritten by :func:`~zscir.benchmarks.base.pli_caption`
 (``.`` -> ``dotmark``, ...) before the method sees it. Metric keys start with ``pli/`` and the server
 files are named ``cirr_<split>_pli_recall.json`` / ``cirr_<split>_pli_recall_subset.json``.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zscir.data.benchmarks.base import (
+from zscir.benchmarks.base import (
     AnnotationError,
     Benchmark,
     DatasetLayoutError,
@@ -35,8 +35,8 @@ from zscir.data.benchmarks.base import (
     read_json,
     require_keys,
 )
+from zscir.benchmarks.submissions import validate_cirr
 from zscir.metrics.functional import cirr_metrics
-from zscir.metrics.submissions import validate_cirr
 from zscir.retrieval.search import rank_candidates, topk_search
 
 OBTAIN = (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from zscir.data.benchmarks.base import Query
+from zscir.benchmarks.base import Query
 
 
 class SubmissionError(ValueError):

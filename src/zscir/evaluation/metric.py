@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from zscir.data.benchmarks.base import Benchmark
+from zscir.benchmarks.base import Benchmark
 from zscir.retrieval.search import check_finite
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import Dataset
 
-from zscir.data.benchmarks.base import Benchmark
+from zscir.benchmarks.base import Benchmark
 
 
 class GalleryDataset(Dataset):

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from zscir.data.benchmarks.base import (
+from zscir.benchmarks.base import (
     AnnotationError,
     Benchmark,
     DatasetLayoutError,

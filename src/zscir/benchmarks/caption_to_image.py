@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zscir.data.benchmarks.base import Benchmark, Query
+from zscir.benchmarks.base import Benchmark, Query
 from zscir.data.corpora import load_image_caption_corpus
 from zscir.metrics.functional import recall_from_ranks
 from zscir.retrieval.search import target_ranks

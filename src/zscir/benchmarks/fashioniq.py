@@ -21,7 +21,7 @@ triplet's index in ``cap.<category>.<split>.json`` (``<category>/<index>`` with 
   in the PLI repository; one ``<cat>/<ref>.jpg;<cat>/<target>.jpg;<caption>`` line per caption, two lines
   per triplet, a subset of the official triplets). Each line is its own query (id: the line's index);
   its text is ``caps[i] + " and " + caps[i ± 1]`` (the other line of its pair: ``i + 1`` for even ``i``)
-  from the raw captions, then :func:`~zscir.data.benchmarks.base.pli_caption` (``.`` -> ``dotmark``, ...);
+  from the raw captions, then :func:`~zscir.benchmarks.base.pli_caption` (``.`` -> ``dotmark``, ...);
 * the gallery of a category is only the images named in its list (references and targets);
 * the reference image is removed from its query's ranking.
 
@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from zscir.data.benchmarks.base import (
+from zscir.benchmarks.base import (
     AnnotationError,
     Benchmark,
     DatasetLayoutError,

@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# where torch/torchvision come from: empty = PyPI's default build; e.g. https://download.pytorch.org/whl/cpu
+# (CPU only) or https://download.pytorch.org/whl/cu121 (another CUDA): make setup TORCH_INDEX_URL=...
+TORCH_INDEX_URL ?=
 
 export WANDB_SILENT := true
 
@@ -17,6 +20,7 @@ setup: $(STAMP)  ## create .venv and install zscir with its dev extras (quick wh
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 

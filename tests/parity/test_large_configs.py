@@ -5,8 +5,6 @@ config with a pretrained tag states the activation that tag's weights were train
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import open_clip
 import pytest
 import torch
@@ -15,8 +13,9 @@ from omegaconf import OmegaConf
 
 from zscir.backbones.hf_clip_encoder import HFCLIPEncoder
 from zscir.backbones.open_clip_encoder import OpenCLIPEncoder, _activation_kwargs
+from zscir.cli.config import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "backbone"
+CONF = CONF_DIR / "backbone"
 
 #: The architecture values of the hub's config.json:
 #: https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/blob/main/config.json and

@@ -18,12 +18,30 @@ from zscir.data.loaders import DataConfig
 from zscir.data.synthetic import SynthConfig
 from zscir.methods import method_class, parse_config
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CONF_DIR = Path(os.environ.get("ZSCIR_CONF_DIR", REPO_ROOT / "conf"))
+#: the configs shipped inside the package (``zscir/conf``), or ``$ZSCIR_CONF_DIR``
+CONF_DIR = Path(os.environ.get("ZSCIR_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 
 
 def _root() -> str:
-    return os.environ.get("ZSCIR_ROOT", str(REPO_ROOT))
+    """``paths.root_dir``: ``$ZSCIR_ROOT``, else the current directory (the repository root for ``make``)."""
+    return os.environ.get("ZSCIR_ROOT") or os.getcwd()
+
+
+def user_config_dir() -> Path:
+    """The per-user config folder searched after the package's own configs: ``$ZSCIR_CONFIG_DIR``, else
+    ``$XDG_CONFIG_HOME/zscir`` (``~/.config/zscir``). Its ``local/default.yaml``, when present, is merged
+    last into every run (per-machine paths); its other files add config options (``backbone/mine.yaml``)."""
+    if os.environ.get("ZSCIR_CONFIG_DIR"):
+        return Path(os.environ["ZSCIR_CONFIG_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config").expanduser() / "zscir"
+
+
+def _searchpath() -> str:
+    """``hydra.searchpath`` entry of the primary configs: the user config folder when it exists (a missing
+    one would make Hydra warn on every run), else the package configs again (searching them twice changes
+    nothing)."""
+    folder = user_config_dir()
+    return f"file://{folder.resolve() if folder.is_dir() else CONF_DIR}"
 
 
 def _from_run(run_dir: str | None, key: str, default: Any = None) -> Any:
@@ -49,9 +67,11 @@ def _cpu_precision() -> str:
 
 
 def register_resolvers() -> None:
-    """``${zscir_root:}``, ``${run_stamp:}``, ``${from_run:dir,key,default}``, ``${cpu_precision:}``."""
+    """``${zscir_root:}``, ``${zscir_searchpath:}``, ``${run_stamp:}``, ``${from_run:dir,key,default}``,
+    ``${cpu_precision:}``."""
     if not OmegaConf.has_resolver("zscir_root"):
         OmegaConf.register_new_resolver("zscir_root", _root)
+        OmegaConf.register_new_resolver("zscir_searchpath", _searchpath)
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
         OmegaConf.register_new_resolver("from_run", _from_run)
         OmegaConf.register_new_resolver("cpu_precision", _cpu_precision, use_cache=True)
@@ -213,7 +233,7 @@ def plain(node: Any) -> Any:
 # ---- benchmarks -----------------------------------------------------------------------------------
 def benchmark_configs(cfg: DictConfig) -> list[dict]:
     """The benchmark configs a run evaluates, resolved: ``eval_benchmarks`` (names of the composed
-    ``benchmarks`` group, i.e. of conf/benchmark/*.yaml with this run's ``benchmarks.<name>.*`` overrides,
+    ``benchmarks`` group, i.e. of zscir/conf/benchmark/*.yaml with this run's ``benchmarks.<name>.*`` overrides,
     or whole dicts) when given, else ``benchmark``. ``prepare_run`` calls it once per run.
 
     Raises:
@@ -234,7 +254,7 @@ def benchmark_configs(cfg: DictConfig) -> list[dict]:
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with overrides, inside or outside a running Hydra app."""
+    """Compose ``zscir/conf/<config_name>.yaml`` with overrides, inside or outside a running Hydra app."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

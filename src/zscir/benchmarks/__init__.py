@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, str] = {
     "circo": "zscir.benchmarks.circo:CIRCO",
     "genecis": "zscir.benchmarks.genecis:GeneCIS",
     "caption_to_image": "zscir.benchmarks.caption_to_image:CaptionToImage",
+    "custom": "zscir.benchmarks.custom:Custom",
 }
 
 

@@ -76,3 +76,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
             scale = 1 / 257  # 16-bit range 0..65535 -> 0..255
         image = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8))  # mode L
     return image.convert("RGB")
+
+
+#: file suffixes taken as images when a folder is listed (:func:`list_images`), lower case
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively, by suffix: :data:`IMAGE_SUFFIXES`, any case),
+    sorted by path; hidden files and folders (``.name``) are left out.
+
+    Raises:
+        DatasetLayoutError: ``folder`` is not a directory, or holds no image.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"image folder {folder} does not exist")
+    images = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not images:
+        raise DatasetLayoutError(
+            f"image folder {folder} holds no image (looked for {', '.join(IMAGE_SUFFIXES)} files, recursively)"
+        )
+    return images

@@ -13,13 +13,14 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from zscir.api import PACKAGE_CONF
 from zscir.cli.launch import run_stamp
 from zscir.data.loaders import DataConfig
 from zscir.data.synthetic import SynthConfig
 from zscir.methods import method_class, parse_config
 
 #: the configs shipped inside the package (``zscir/conf``), or ``$ZSCIR_CONF_DIR``
-CONF_DIR = Path(os.environ.get("ZSCIR_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+CONF_DIR = Path(os.environ.get("ZSCIR_CONF_DIR", PACKAGE_CONF))
 
 
 def _root() -> str:

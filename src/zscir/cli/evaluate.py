@@ -12,14 +12,14 @@ evaluation under the same ``$ZSCIR_RUN_ID``) is refused, never overwritten.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
+from zscir.api import load_checkpoint
+from zscir.api import run_config as load_run  # the name callers of zscir.cli.evaluate know
 from zscir.backbones import backbone_fingerprint
 from zscir.cli.config import CONF_DIR, plain
 from zscir.cli.outputs import (
@@ -36,56 +36,8 @@ from zscir.cli.tracking import finish_wandb, log_wandb_summary
 from zscir.cli.train import train
 from zscir.methods import RetrievalMethod
 from zscir.retrieval.cache import GalleryCache
-from zscir.utils.io import file_stamp
 
 log = logging.getLogger("zscir")
-
-
-def find_runs(directory: Path) -> list[Path]:
-    """Run directories (holding ``resolved_config.yaml``) under ``directory``."""
-    return sorted(p.parent for p in directory.rglob("resolved_config.yaml"))
-
-
-def load_run(run_dir: str | Path) -> tuple[DictConfig, Path | None]:
-    """A training run's saved config and the checkpoint to evaluate: the one its final metrics were
-    computed with (``run_info.json``: the best by ``checkpoint.monitor``, else the last), else — for a
-    run still going or interrupted — its ``last.ckpt``; None for a method that trains nothing."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run_dir={run_dir} does not exist")
-    config = run_dir / "resolved_config.yaml"
-    if not config.is_file():
-        inside = find_runs(run_dir)
-        hint = (
-            f"; it holds {len(inside)} run(s) (a sweep directory?), e.g. {inside[0]}. Evaluate them all with "
-            f"`zscir-eval -m run_dir={','.join(str(r) for r in inside[:2])}{',...' if len(inside) > 2 else ''} benchmark=...`"
-            if inside
-            else "; pass the directory of a zscir-train run (outputs/train/<method>/<run>)"
-        )
-        raise FileNotFoundError(f"{run_dir} is not a zscir run directory (no resolved_config.yaml){hint}")
-    saved = OmegaConf.load(config)
-    ckpts = run_dir / "checkpoints"
-    info_file = run_dir / "run_info.json"
-    recorded = json.loads(info_file.read_text()).get("checkpoint") if info_file.is_file() else None
-    candidates = [run_dir / recorded] if recorded else []
-    candidates += [ckpts / "last.ckpt"]
-    ckpt = next((c for c in candidates if c.is_file()), None)
-    if recorded and ckpt != run_dir / recorded:
-        log.warning("%s: checkpoint %s is gone; using %s", run_dir, recorded, ckpt)
-    return saved, ckpt
-
-
-def load_checkpoint(method: RetrievalMethod, path: str | Path) -> None:
-    """Load a zscir checkpoint into ``method`` after checking it was trained with this method and backbone."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    method.on_load_checkpoint(checkpoint)
-    method.load_state_dict(checkpoint["state_dict"])
-    method.weights_tag = f"{path.resolve()}:{file_stamp(path)}"  # part of the gallery cache key
 
 
 def from_run_dir(cfg: DictConfig) -> None:

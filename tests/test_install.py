@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SMALL_WORLD
+from custom_set import make_set
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_WORLD = {**SMALL_WORLD, "corpus_train": 64, "corpus_val": 16, "text_captions": 64, "shard_size": 32}
@@ -86,7 +87,7 @@ def test_wheel_holds_every_config(wheel):
 
 
 @pytest.mark.slow
-def test_installed_wheel_trains_and_evaluates_from_another_directory(wheel, tmp_path):
+def test_installed_wheel_trains_evaluates_and_queries_from_another_directory(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = Path(
@@ -151,4 +152,28 @@ def test_installed_wheel_trains_and_evaluates_from_another_directory(wheel, tmp_
     )
     (evaluation,) = (elsewhere / "eval/clip_pretrain").iterdir()
     assert json.loads((evaluation / "metrics.json").read_text())["recall@1"] >= 0
+
+    # zscir-query with the trained run, on a folder of images; results and the gallery cache under ./outputs
+    ids = make_set(work / "my_images")
+    _run(
+        [
+            str(venv / "bin/zscir-query"),
+            "--query",
+            f"my_images/images/{ids[0]}",
+            "same but red",
+            "--gallery",
+            "my_images/images",
+            "--run",
+            str(run),
+            "-k",
+            "3",
+            "--device",
+            "cpu",
+        ],
+        work,
+        env,
+    )
+    (query,) = (work / "outputs/query").iterdir()
+    assert len(json.loads((query / "results.json").read_text())["queries"][0]["results"]) == 3
+    assert len(list((work / "outputs/cache/gallery").glob("*.pt"))) == 1
     assert _files(site) == installed  # nothing written into the installation

@@ -53,13 +53,13 @@ DEMO_RUNS: list[tuple[str, list[str]]] = [
             "method.cam_grid=6",  # -> runs/cam_ti/cam_grid.png: image, CAM, masked image, caption
         ],
     ),
-    # images only (captions unused): 40 steps of batch 64 at lr 1e-3, constant, no warm-up (paper: 30 epochs of
+    # images only (captions unused): 20 steps of batch 64 at lr 1e-3, constant, no warm-up (paper: 30 epochs of
     # CC3M at 1e-4 after 10k warm-up steps)
     (
         "pic2word",
         [
             "method=pic2word",
-            "trainer.max_steps=40",
+            "trainer.max_steps=20",
             "data.batch_size=64",
             "method.optim.lr=1e-3",
             "method.optim.warmup_steps=0",

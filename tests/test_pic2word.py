@@ -1,7 +1,7 @@
 """Pic2Word: the mapping and what trains, the released checkpoint format, the optimiser and schedule of the
 official code, the random-crop training transform, FashionIQ's Pic2Word query text, DDP with gathered
 negatives (2 ranks on gloo == 1 process), a train → checkpoint → evaluate round trip and a resumed run.
-(The loss and the pseudo-word splice against the official code: tests/parity/test_pic2word.py.)"""
+(The loss and the pseudo-word splice against the official code: tests/parity/test_pic2word_official.py.)"""
 
 import csv
 import math

@@ -20,7 +20,7 @@ the placeholder's own embedding never reaches the transformer (it is overwritten
 single BPE tokens that leave their space-separated neighbours' tokens unchanged, and the position, the
 sequence length and the end-of-text pooling are identical. At training the official code inserts the token
 before the end-of-text of "a photo of" (``encode_text_img``), which is the sequence of "a photo of *" with
-``*`` replaced. tests/parity/test_pic2word.py checks both against transcriptions of the official splices
+``*`` replaced. tests/parity/test_pic2word_official.py checks both against transcriptions of the official splices
 on the same weights. (One difference: a caption that itself contains ``$`` would have that ``$`` replaced
 too, where the official code replaces only the ``*`` of its template.)
 

@@ -173,6 +173,10 @@ PUBLISHED_TEXT = {
     "cam_ti": "26.1 55.2 2.2 2.7 23.3 39.5",
     # LinCIR's public result listing: CIRR test R@1, CIRR subset test R@1, CIRCO test mAP@10, GeneCIS R@1
     "lincir": "35.25 63.35 21.01 12.45",
+    # Pic2Word as quoted in PLI (arXiv 2311.07622): Table 1 FashionIQ val (shirt, dress, toptee, average), Table 2
+    # CIRR test (both cited from the Pic2Word paper), Table 3 CIRCO test (cited from the SEARLE paper)
+    "pic2word": """26.20 43.60 20.00 40.20 27.90 47.40 24.70 43.70 23.90 51.70 65.30 87.80
+                   8.72 9.51 10.64 11.29""",
 }
 PUBLISHED = {method: set(numbers.split()) for method, numbers in PUBLISHED_TEXT.items()}
 

@@ -104,3 +104,60 @@ def gather_worker(rank: int, world: int, store: str, out: str) -> None:
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+
+
+# ---- Pic2Word: a frozen image tower, a trainable mapping, its token through a frozen text tower ----------
+PIC2WORD_CASES = {  # name: (rows per rank, aggregation)
+    "gathered": ((3, 5), "zscir"),  # info_nce with gathered negatives, unequal shards
+    "local": ((4, 4), "local"),  # each rank's own rows only
+    "official": ((4, 4), "official"),  # src/trainer.py:111-145 (its all_gather needs equal shards)
+}
+
+
+def pic2word_loss_and_grads(
+    rows: slice, gather: bool, aggregation: str = "zscir", total: int = 8
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The Pic2Word loss of ``rows`` of a small problem (same on every process) and the mapping's gradient."""
+    g = torch.Generator().manual_seed(1)
+    x, w_image = torch.randn(total, 6, generator=g), torch.randn(6, 4, generator=g)
+    w_map, w_text = torch.randn(4, 5, generator=g).requires_grad_(), torch.randn(5, 4, generator=g)
+    with torch.no_grad():  # the frozen image tower
+        image = x[rows] @ w_image
+    text = torch.tanh(image @ w_map) @ w_text  # the mapped token through the frozen text tower
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    scale = 10.0
+    if aggregation == "official":
+        world, rank = dist.get_world_size(), dist.get_rank()
+        gathered_image = [torch.zeros_like(image) for _ in range(world)]
+        gathered_text = [torch.zeros_like(text) for _ in range(world)]
+        dist.all_gather(gathered_image, image)
+        dist.all_gather(gathered_text, text)
+        all_image = torch.cat([image, *gathered_image[:rank], *gathered_image[rank + 1 :]])
+        all_text = torch.cat([text, *gathered_text[:rank], *gathered_text[rank + 1 :]])
+        ground_truth = torch.arange(len(all_image)).long()
+        logits_per_image = scale * all_image @ all_text.t()
+        loss = (
+            F.cross_entropy(logits_per_image, ground_truth)
+            + F.cross_entropy(logits_per_image.t(), ground_truth)
+        ) / 2
+    else:
+        loss = info_nce(image, text, scale, symmetric=True, gather_negatives=gather)
+    loss.backward()
+    return loss.detach(), [w_map.grad]
+
+
+def pic2word_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Each case on this rank's rows; loss and gradients averaged over ranks as DDP and sync_dist do."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    for name, (sizes, aggregation) in PIC2WORD_CASES.items():
+        offset = sum(sizes[:rank])
+        rows = slice(offset, offset + sizes[rank])
+        loss, grads = pic2word_loss_and_grads(rows, aggregation != "local", aggregation, sum(sizes))
+        for t in (loss, *grads):
+            dist.all_reduce(t)
+            t /= world
+        results[name] = {"loss": loss, "grads": grads}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()

@@ -9,7 +9,8 @@ Protocols. ``protocol="official"`` (the default) applies the benchmark's officia
 side-by-side table uses. ``protocol="pli"`` reproduces the evaluation scripts of the PLI paper (Chen & Lai),
 whose published numbers differ from the official protocol on each benchmark (CIRR caption rewriting,
 CIRCO reference removal, FashionIQ query set / gallery / reference removal, GeneCIS query composition;
-each class's docstring says how). Every metric key of a non-official protocol starts with
+each class's docstring says how). ``protocol="pic2word"`` (FashionIQ only) uses the Pic2Word code's query
+text. Every metric key of a non-official protocol starts with
 ``"<protocol>/"`` (``pli/recall@10``), so such a number can never enter a table of official numbers under
 the same column.
 """
@@ -62,8 +63,9 @@ class Query:
     candidate_ids: tuple[str, ...] = ()
 
 
-#: evaluation protocols: the official evaluators' (the default) and the PLI paper's own scripts
-PROTOCOLS = ("official", "pli")
+#: evaluation protocols: the official evaluators' (the default), the PLI paper's own scripts, and Pic2Word's
+#: (FashionIQ query text only)
+PROTOCOLS = ("official", "pli", "pic2word")
 
 
 class Benchmark(ABC):

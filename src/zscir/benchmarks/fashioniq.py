@@ -26,6 +26,10 @@ triplet's index in ``cap.<category>.<split>.json`` (``<category>/<index>`` with 
 * the reference image is removed from its query's ranking.
 
 Recall@10/50 per category and their mean as above; keys start with ``pli/``.
+
+``protocol="pic2word"`` is the official protocol with Pic2Word's query text (its ``src/data.py:227-228``):
+one caption order only, ``"{captions[1]} and {captions[0]}"``, the captions as written (not stripped).
+Gallery, queries and scoring are the official ones; keys start with ``pic2word/``.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def pli_pairs_file(split: str, category: str) -> str:
 
 class FashionIQ(Benchmark):
     kind = "fashioniq"
-    protocols = ("official", "pli")
+    protocols = ("official", "pli", "pic2word")
 
     def __init__(
         self,
@@ -272,7 +276,9 @@ class FashionIQ(Benchmark):
                 Query(
                     query_id=str(i) if self.category != "all" else f"{cat}/{i}",
                     reference=ImageRef(ref, self.image_dir / f"{ref}{self.extension}"),
-                    texts=(join_captions(caps[0], caps[1]), join_captions(caps[1], caps[0])),
+                    texts=(f"{caps[1]} and {caps[0]}",)
+                    if self.protocol == "pic2word"
+                    else (join_captions(caps[0], caps[1]), join_captions(caps[1], caps[0])),
                     target_ids=targets,
                 )
             )

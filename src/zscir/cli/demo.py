@@ -54,6 +54,19 @@ DEMO_RUNS: list[tuple[str, list[str]]] = [
             "method.cam_grid=6",  # -> runs/cam_ti/cam_grid.png: image, CAM, masked image, caption
         ],
     ),
+    # images only (captions unused): 20 steps of batch 64 at lr 1e-3, constant, no warm-up (paper: 30 epochs of
+    # CC3M at 1e-4 after 10k warm-up steps)
+    (
+        "pic2word",
+        [
+            "method=pic2word",
+            "trainer.max_steps=20",
+            "data.batch_size=64",
+            "method.optim.lr=1e-3",
+            "method.optim.warmup_steps=0",
+            "method.optim.scheduler=constant",
+        ],
+    ),
     # PLI's untuned baseline: the same backbone, PLI's inference formula with img_weight = 1 - mask_ratio
     ("sum_w0.75", ["method=sum", "method.img_weight=0.75"]),
     # 25 steps of batch 128 at lr 1e-5 with no warm-up (paper: 10 epochs of ImageNet at 1e-6, 5-epoch warm-up);

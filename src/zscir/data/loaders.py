@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchvision import transforms as T
 
 from zscir.data.corpora import (
     ImageCaptionDataset,
@@ -53,6 +54,10 @@ class DataConfig:
     streaming: bool = False
     #: text, streaming: samples held in the shuffle buffer (0: file order)
     shuffle_buffer: int = 10_000
+    #: image-caption: train on random crops, ``RandomResizedCrop(scale=random_crop_scale)`` (bicubic), in
+    #: place of the encoder's evaluation resize + centre crop (e.g. [0.9, 1.0], open_clip's and Pic2Word's
+    #: training crop); None: the evaluation transform
+    random_crop_scale: list[float] | None = None
 
 
 class TrainingSamples(Protocol):
@@ -96,6 +101,8 @@ def build_train_loader(
         corpus = load_captioned_images(cfg.format, cfg.path, cfg.captions_dir, cfg.image_root)[
             : cfg.max_samples
         ]
+        if cfg.random_crop_scale is not None:
+            image_transform = random_crop_transform(image_transform, cfg.random_crop_scale)
         if samples is not None:
             dataset, collate = samples.dataset(corpus), samples.collate
         else:
@@ -119,6 +126,45 @@ def build_train_loader(
         num_workers=cfg.num_workers,
         collate_fn=collate,
         persistent_workers=cfg.num_workers > 0,
+    )
+
+
+def _to_rgb(image: object) -> object:
+    return image.convert("RGB")
+
+
+def random_crop_transform(eval_transform: object, scale: list[float] | tuple[float, float]) -> T.Compose:
+    """The training counterpart of an encoder's evaluation transform: RGB, ``RandomResizedCrop`` to the
+    same output size with area ``scale`` and bicubic resampling, then the same ``ToTensor`` + ``Normalize``.
+
+    This is open_clip's training transform (``image_transform(is_train=True)``) and Pic2Word's
+    (``model/clip.py`` ``_transform``, scale (0.9, 1.0)). The output size is read from the evaluation
+    transform's ``CenterCrop`` (or a square ``Resize``), the normalisation from its ``Normalize``; any
+    padding or resizing it does before is replaced by the crop.
+
+    Raises:
+        ValueError: ``scale`` is not ``0 < lo <= hi <= 1``, or ``eval_transform`` is not a torchvision
+            ``Compose`` with a ``Normalize`` and a fixed output size.
+    """
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"random_crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(scale)}")
+    steps = list(getattr(eval_transform, "transforms", []))
+    norm = next((t for t in steps if isinstance(t, T.Normalize)), None)
+    sizes = [t.size for t in steps if isinstance(t, T.CenterCrop)]
+    sizes += [t.size for t in steps if isinstance(t, T.Resize) and isinstance(t.size, (tuple, list))]
+    if norm is None or not sizes:
+        raise ValueError(
+            f"random_crop_scale needs an evaluation transform with a Normalize and a fixed output size "
+            f"(CenterCrop or square Resize); this backbone's is {eval_transform!r}: set data.random_crop_scale=null"
+        )
+    size = sizes[0]
+    return T.Compose(
+        [
+            _to_rgb,
+            T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(norm.mean, norm.std),
+        ]
     )
 
 

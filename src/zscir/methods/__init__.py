@@ -28,6 +28,7 @@ METHODS: dict[str, str] = {
     "lincir": "zscir.methods.lincir:LinCIR",
     "cam_ti": "zscir.methods.cam_ti:CamTI",
     "pli": "zscir.methods.pli:PLI",
+    "pic2word": "zscir.methods.pic2word:Pic2Word",
 }
 
 

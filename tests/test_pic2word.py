@@ -18,11 +18,11 @@ from torchvision import transforms as T
 
 from benchmark_fixtures import FIQ_VAL, make_fashioniq
 from reliability_helpers import PAUSING_TRAIN, base_overrides, kill_group, start, tail, wait_for
+from zscir.benchmarks import build_benchmark
 from zscir.cli.callbacks import PREEMPTED_EXIT_CODE
 from zscir.cli.config import compose_config
 from zscir.cli.evaluate import evaluate
 from zscir.cli.train import train
-from zscir.benchmarks import build_benchmark
 from zscir.data.loaders import DataConfig, build_train_loader, random_crop_transform
 from zscir.methods import build_method
 from zscir.methods.pic2word import PROMPTS, load_img2text_checkpoint

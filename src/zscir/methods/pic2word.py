@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zscir.methods.base import MethodConfig, OptimConfig, RetrievalMethod, lr_lambda
-from zscir.methods.losses import info_nce
 from zscir.methods.inversion import DEFAULT_TEMPLATE, encode_with_template
+from zscir.methods.losses import info_nce
 from zscir.text.placeholder import isolate
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -21,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zscir.backbones import backbone_fingerprint
-from zscir.cli.config import CONF_DIR, plain
+from zscir.cli.config import CONF_DIR, check_plugins, plain
 from zscir.cli.outputs import (
     metrics_after_test,
     print_metrics,
@@ -175,8 +176,14 @@ def _write_outputs(
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+def main() -> None:
+    """``zscir-eval``: a missing launcher plugin is named with its pip line before Hydra starts."""
+    check_plugins(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ def load_checkpoint(method: RetrievalMethod, path: str | Path) -> None:
 
 def from_run_dir(cfg: DictConfig) -> None:
     """Take the method, backbone, seed, label, experiment and tags of the run ``cfg.run_dir``, and its
-    checkpoint unless ``ckpt_path`` is given, so no training override has to be repeated (STYLE.md §5,
-    pitfall 5). The benchmark, trainer and eval settings stay this command's."""
+    checkpoint unless ``ckpt_path`` is given, so no training override has to be repeated. The benchmark,
+    trainer and eval settings stay this command's."""
     saved, ckpt = load_run(cfg.run_dir)
     with open_dict(cfg):
         cfg.method, cfg.backbone, cfg.seed = saved.method, saved.backbone, saved.seed

@@ -50,7 +50,7 @@ def _process_start(pid: int) -> str:
 def run_stamp() -> str:
     """The last part of a run (or sweep) directory: ``<date>_<time>_<6 hex>``, or the launcher's id
     when several processes must agree on it. A timestamp alone is not enough: jobs started in the same
-    second collide, and DDP ranks may stamp different seconds (STYLE.md §5, pitfall 2)."""
+    second collide, and DDP ranks may stamp different seconds."""
     return launcher_id() or f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{uuid.uuid4().hex[:6]}"
 
 
@@ -80,7 +80,7 @@ def relaunches_script(trainer: dict) -> bool:
 
 
 def check_launch(cfg: DictConfig, multirun: bool | None = None) -> None:
-    """Refuse a Hydra multirun job that would be multi-process (STYLE.md §5, pitfall 1).
+    """Refuse a Hydra multirun job that would be multi-process.
 
     Lightning starts DDP ranks > 0 by re-running ``sys.argv``; inside ``-m`` that is the whole sweep
     again (Lightning #11300, Hydra #2070): hangs, duplicated jobs, one W&B run for several. And a sweep

@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         metrics = _fit_and_test(cfg, method, benchmarks, run_dir, loggers, resume, run.benchmark_names)
         failed = False
-    finally:  # every job of a multirun is its own W&B run, failed or not (STYLE.md §5, pitfall 3)
+    finally:  # every job of a multirun is its own W&B run, failed or not
         finish_wandb(loggers, failed=failed)
     return metrics
 

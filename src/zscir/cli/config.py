@@ -81,6 +81,8 @@ class BackboneConfig:
     #: open_clip only: the MLP activation the weights were trained with (true: QuickGELU, as OpenAI's
     #: CLIP; false: GELU; null: the pretrained tag's, else the architecture's)
     quick_gelu: bool | None = None
+    #: hf_clip / hf_blip: the hub revision (branch, tag or commit) of ``model``; part of the fingerprint
+    revision: str | None = None
     #: experiment config that produces ``checkpoint`` when it is missing (the synthetic-world CLIP)
     train_recipe: str | None = None
     #: BLIP only (None: the kind's default): BERT tokenizer folder or cached hub name (lavis_blip), input

@@ -127,3 +127,34 @@ def test_genecis_tasks_are_averaged(compose, tmp_path):
         "genecis_avg/recall@1",
     ]
     assert "| sum | 10.00 | 14.00 | 12.00 |" in paths["markdown"].read_text()
+
+
+def test_every_paper_block_names_benchmarks_and_metrics_zscir_computes():
+    from zscir.benchmarks import benchmark_class
+    from zscir.cli.config import CONF_DIR
+
+    blocks = {}
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        paper = OmegaConf.load(path).get("paper")
+        if paper is not None:
+            blocks[path.stem] = paper
+    assert {
+        "pli_clip_b32_imagenet",
+        "pli_clip_l14_imagenet",
+        "pli_blip_imagenet",
+        "lincir_clip_bigg14",
+    } <= set(blocks)
+    for name, paper in blocks.items():
+        assert paper.source, name
+        assert paper.protocol in ("official", "pli"), name
+        for key, value in paper.metrics.items():
+            bench, metric = key.split("/", 1)
+            assert 0 < value < 100, (name, key)
+            assert metric.startswith("pli/") == (paper.protocol == "pli"), (name, key)
+            if bench == "genecis_avg":
+                assert metric == "recall@1"
+                continue
+            kind = OmegaConf.load(CONF_DIR / "benchmark" / f"{bench}.yaml").kind
+            base = metric.removeprefix("pli/")
+            names = benchmark_class(kind).metric_names
+            assert base in names or (kind == "fashioniq" and base in ("recall@10", "recall@50")), (name, key)

@@ -30,6 +30,8 @@ def test_every_experiment_composes_and_validates(compose, experiment):
     [(g, n) for g in ("backbone", "method", "data", "trainer", "logger") for n in GROUP_FILES[g]],
 )
 def test_every_group_option_composes(compose, group, name):
+    if (group, name) == ("logger", "tensorboard"):
+        pytest.importorskip("tensorboard", reason="logger=tensorboard needs pip install 'zscir[tensorboard]'")
     cfg = compose("train", [f"{group}={name}"])
     validate_config(cfg, "train")
     resolved = plain(cfg[group])
@@ -38,7 +40,7 @@ def test_every_group_option_composes(compose, group, name):
 
 @pytest.mark.parametrize("name", GROUP_FILES["benchmark"])
 def test_every_benchmark_config_composes_for_eval(compose, name):
-    cfg = compose("eval", [f"benchmark={name}"])
+    cfg = compose("eval", [f"benchmark={name}", "backbone=tiny"])  # the synthetic CLIP only fits its world
     validate_config(cfg, "eval")
     (bench,) = benchmark_configs(cfg)
     assert bench["kind"]

@@ -128,7 +128,12 @@ def test_report_refuses_to_replace_a_report_unless_overwrite(tmp_path):
     )
     assert report_main([str(sweep), "--overwrite"]) == 0
     assert "15.00 ± 7.07" in (sweep / "results.md").read_text()
-    assert sorted(p.name for p in sweep.glob("results*")) == ["results.csv", "results.md", "results.png"]
+    assert sorted(p.name for p in sweep.glob("results*")) == [
+        "results.csv",
+        "results.md",
+        "results.png",
+        "results.tex",
+    ]
 
 
 def test_report_of_several_directories_needs_out(tmp_path, capsys):

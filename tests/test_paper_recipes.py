@@ -47,7 +47,7 @@ def test_pli_experiments_select_like_the_official_trainer_in_fp32(compose, exper
 
 
 def test_monitor_must_be_logged_by_the_per_epoch_validation(small_world):
-    from zscir.cli.train import check_monitor
+    from zscir.cli.config import check_monitor
 
     root = small_world / "synthetic" / "cirr"
     val = build_benchmark("cirr", str(root), "val", name="synthetic_cirr")
@@ -55,7 +55,7 @@ def test_monitor_must_be_logged_by_the_per_epoch_validation(small_world):
     check_monitor("val/synthetic_cirr/recall@10", [val])
     check_monitor("train/loss", [val])  # not a validation metric: not checked
     check_monitor(None, [])
-    with pytest.raises(ValueError, match=r"synthetic_circo.*does not validate.*synthetic_cirr"):
+    with pytest.raises(ValueError, match=r"synthetic_circo.*does not evaluate.*synthetic_cirr"):
         check_monitor("val/synthetic_circo/recall@10", [val])
     with pytest.raises(ValueError, match=r"'test1'.*no ground truth"):
         check_monitor("val/synthetic_cirr/recall@10", [test])

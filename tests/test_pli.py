@@ -94,7 +94,7 @@ def test_masked_view_feeds_class_token_plus_kept_patches(kind):
 
 # ---- the loss ---------------------------------------------------------------------------------------
 def official_clip_loss(clip, images, text_ids, noise, mask_ratio):
-    """A line-by-line transcription of the official training step for CLIP (reference/methods.md §1):
+    """A line-by-line transcription of the official training step for CLIP (https://github.com/Chen-Junyang-cn/PLI; docs/methods.md, PLI):
     trainers/pretrainer.py ``mask_forword`` with models/image_encoders/clip_image_encoder.py
     ``mask_forword``/``random_masking``, models/text_encoders/clip_text_encoder.py and
     losses/batch_based_classification_loss.py (tau = 1.0), on open_clip modules (batch-first)."""

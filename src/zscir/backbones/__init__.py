@@ -47,7 +47,8 @@ def build_encoder(
         init_seed: seed for random-init weights, so rebuilding gives identical parameters.
         cache_dir: weights cache folder.
         extra: kind-specific options: ``quick_gelu`` (open_clip: the activation the weights were trained
-            with, see :func:`~zscir.backbones.open_clip_encoder.build_open_clip`), ``context_length``.
+            with, see :func:`~zscir.backbones.open_clip_encoder.build_open_clip`), ``context_length``,
+            ``revision`` (hf_clip, hf_blip: the hub revision — branch, tag or commit — of ``model``).
 
     Raises:
         BackboneLoadError: unknown kind, missing checkpoint, weights that cannot be loaded, or
@@ -58,6 +59,13 @@ def build_encoder(
     extra = {k: v for k, v in extra.items() if v is not None}  # None: the kind's default
     if checkpoint and not Path(checkpoint).expanduser().is_file():
         raise BackboneLoadError(missing_checkpoint_message(kind, checkpoint))
+    revision = extra.pop("revision", None)
+    if revision is not None and kind not in ("hf_clip", "hf_blip"):
+        raise BackboneLoadError(
+            f"backbone.revision applies to the Hugging Face kinds (hf_clip, hf_blip), not {kind}: pin an "
+            "open_clip hub model by downloading that revision (hf download <repo> --revision <rev> --local-dir "
+            "<dir>) and passing backbone.model=local-dir:<dir>"
+        )
     if kind == "open_clip":
         from zscir.backbones.open_clip_encoder import build_open_clip
 
@@ -77,7 +85,9 @@ def build_encoder(
     if kind == "hf_blip":
         from zscir.backbones.hf_blip_encoder import build_hf_blip
 
-        return build_hf_blip(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, **extra)
+        return build_hf_blip(
+            model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, revision=revision, **extra
+        )
     if kind == "lavis_blip":
         from zscir.backbones.lavis_blip_encoder import build_lavis_blip
 
@@ -89,7 +99,9 @@ def build_encoder(
     if kind == "hf_clip":
         from zscir.backbones.hf_clip_encoder import build_hf_clip
 
-        return build_hf_clip(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir)
+        return build_hf_clip(
+            model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, revision=revision
+        )
     raise BackboneLoadError(
         f"unknown backbone kind {kind!r}; expected one of: open_clip, hf_clip, hf_blip, lavis_blip"
     )
@@ -101,9 +113,12 @@ def backbone_fingerprint(config: dict, whole_seconds: bool = False) -> str:
     Local weight files contribute their size and modification time in nanoseconds, so replacing a file
     changes it, even within the same second (a retrained checkpoint has the same size).
     ``whole_seconds=True`` gives the id zscir stored in checkpoints before (mtime in whole seconds), to
-    recognise those checkpoints.
+    recognise those checkpoints. A hub ``revision`` is part of it when one is given (without one, the id is
+    the one configs without that key always had).
     """
     relevant = {k: v for k, v in sorted(config.items()) if k not in _APP_KEYS and k != "cache_dir"}
+    if relevant.get("revision") is None:
+        relevant.pop("revision", None)
     for key in ("checkpoint", "pretrained", "model"):
         value = relevant.get(key)
         if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):

@@ -21,7 +21,7 @@ from torchvision import transforms as T
 
 from zscir.backbones.base import Encoder, gather_patches
 from zscir.backbones.errors import BackboneLoadError, weights_hint
-from zscir.backbones.hf_clip_encoder import CLIP_MEAN, CLIP_STD
+from zscir.backbones.hf_clip_encoder import CLIP_MEAN, CLIP_STD, hub_kwargs
 
 #: BLIP's own models truncate captions at 35 tokens (LAVIS ``max_txt_len``); the text tower has 512 positions
 DEFAULT_CONTEXT_LENGTH = 35
@@ -201,10 +201,11 @@ def build_hf_blip(
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     text_attention_mask: bool = True,
     caption_preprocess: str = "none",
+    revision: str | None = None,
 ) -> HFBLIPEncoder:
-    """Build a BLIP encoder from a hub name (``Salesforce/blip-itm-base-coco``), a local directory, or a
-    registered tiny config (random init, generated vocabulary). The text options are
-    :class:`HFBLIPEncoder`'s."""
+    """Build a BLIP encoder from a hub name (``Salesforce/blip-itm-base-coco``, at ``revision``; read from
+    the local cache only when the hub cannot be reached), a local directory, or a registered tiny config
+    (random init, generated vocabulary). The text options are :class:`HFBLIPEncoder`'s."""
     import transformers
 
     if model in TINY_BLIP_CONFIGS:
@@ -226,8 +227,9 @@ def build_hf_blip(
         transform, transform_id = blip_transform(size), f"blip-resize-{size}"
     else:
         try:
-            blip = transformers.BlipForImageTextRetrieval.from_pretrained(model, cache_dir=cache_dir)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(model, cache_dir=cache_dir)
+            hub = hub_kwargs(model, cache_dir, revision)
+            blip = transformers.BlipForImageTextRetrieval.from_pretrained(model, **hub)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model, **hub)
         except Exception as err:
             raise BackboneLoadError(
                 f"could not load Hugging Face BLIP model {model!r}: {type(err).__name__}: {str(err).splitlines()[0]}\n"
@@ -235,7 +237,7 @@ def build_hf_blip(
             ) from err
         size = blip.config.vision_config.image_size
         try:
-            proc = transformers.BlipImageProcessor.from_pretrained(model, cache_dir=cache_dir)
+            proc = transformers.BlipImageProcessor.from_pretrained(model, **hub)
             size = proc.size.get("height", size)
             transform = blip_transform(size, proc.image_mean, proc.image_std)
         except OSError:  # no preprocessor_config.json next to the weights: BLIP's defaults

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchvision import transforms as T
 
 from zscir.backbones.base import Encoder, gather_patches, trim_padding
-from zscir.backbones.errors import BackboneLoadError, weights_hint
+from zscir.backbones.errors import BackboneLoadError, hub_reachable, weights_hint
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -120,9 +120,19 @@ def clip_eval_transform(
 
 
 def build_hf_clip(
-    model: str, checkpoint: str | None = None, init_seed: int = 0, cache_dir: str | None = None
+    model: str,
+    checkpoint: str | None = None,
+    init_seed: int = 0,
+    cache_dir: str | None = None,
+    revision: str | None = None,
 ) -> HFCLIPEncoder:
-    """Build a HF CLIP encoder from a hub name, a local directory, or a registered tiny config."""
+    """Build a HF CLIP encoder from a hub name (at ``revision``: branch, tag or commit; None: the default
+    branch), a local directory, or a registered tiny config. A hub name is read from the local cache only
+    when the hub cannot be reached (:func:`~zscir.backbones.errors.hub_reachable`).
+
+    Raises:
+        BackboneLoadError: the weights cannot be found or loaded (with how to get them offline).
+    """
     import transformers
 
     if model in TINY_HF_CONFIGS:
@@ -133,14 +143,15 @@ def build_hf_clip(
         transform, transform_id = clip_eval_transform(size, size), f"clip-resize-crop-{size}"
     else:
         try:
-            clip = transformers.CLIPModel.from_pretrained(model, cache_dir=cache_dir)
+            hub = hub_kwargs(model, cache_dir, revision)
+            clip = transformers.CLIPModel.from_pretrained(model, **hub)
         except Exception as err:
             raise BackboneLoadError(
                 f"could not load Hugging Face CLIP model {model!r}: {type(err).__name__}: {str(err).splitlines()[0]}\n"
                 + weights_hint("hf", model, None, cache_dir)
             ) from err
         try:
-            proc = transformers.CLIPImageProcessor.from_pretrained(model, cache_dir=cache_dir)
+            proc = transformers.CLIPImageProcessor.from_pretrained(model, **hub)
             resize = proc.size.get("shortest_edge", clip.config.vision_config.image_size)
             crop = proc.crop_size.get("height", clip.config.vision_config.image_size)
             transform = clip_eval_transform(resize, crop, proc.image_mean, proc.image_std)
@@ -155,6 +166,13 @@ def build_hf_clip(
         load_state_dict_file(clip, checkpoint)
     clip.eval()
     return HFCLIPEncoder(clip, transform, transform_id)
+
+
+def hub_kwargs(model: str, cache_dir: str | None, revision: str | None) -> dict:
+    """``from_pretrained`` arguments: the cache, the revision, and ``local_files_only`` for a hub name when
+    the hub cannot be reached (a local directory never touches the hub)."""
+    local = is_local_dir(model) or not hub_reachable()
+    return {"cache_dir": cache_dir, "revision": revision, "local_files_only": local}
 
 
 def is_local_dir(model: str) -> bool:

@@ -31,6 +31,7 @@ from zscir.backbones.errors import (  # noqa: F401  (LAVIS_BLIP_BASE_URL: re-exp
     missing_weights_message,
 )
 from zscir.backbones.hf_blip_encoder import HFBLIPEncoder, blip_transform, tiny_tokenizer
+from zscir.backbones.hf_clip_encoder import hub_kwargs
 
 #: Architectures: LAVIS ``VisionTransformerEncoder`` ``vit_type: base`` (``lavis/models/vit.py``) and the
 #: BERT of ``lavis/configs/models/med_config.json``; ``tiny`` is a random-init miniature for tests.
@@ -163,13 +164,13 @@ def lavis_tokenizer(name_or_dir: str | None, cache_dir: str | None = None) -> ob
         from transformers import BertTokenizer
 
         try:
-            tokenizer = BertTokenizer.from_pretrained(name_or_dir, cache_dir=cache_dir)
+            tokenizer = BertTokenizer.from_pretrained(name_or_dir, **hub_kwargs(name_or_dir, cache_dir, None))
         except Exception as err:
             raise BackboneLoadError(
                 f"could not load the BERT tokenizer {name_or_dir!r}: {type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}\nLAVIS BLIP uses bert-base-uncased's "
-                "vocabulary. Without network access, download it once elsewhere (huggingface-cli download "
-                "bert-base-uncased vocab.txt tokenizer_config.json) and pass the folder: "
+                "vocabulary. Without network access, download it once elsewhere (hf download bert-base-uncased "
+                "vocab.txt tokenizer_config.json --local-dir bert-base-uncased) and pass the folder: "
                 "backbone.tokenizer=/path/to/bert-base-uncased"
             ) from err
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})

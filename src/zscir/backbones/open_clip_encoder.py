@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from zscir.backbones.base import Encoder, gather_patches, trim_padding
-from zscir.backbones.errors import BackboneLoadError, weights_hint
+from zscir.backbones.errors import BackboneLoadError, hub_cache_only, hub_reachable, weights_hint
 
 #: Small random-init architectures for tests and the synthetic shapes world (open_clip.CLIP kwargs).
 TINY_ARCHITECTURES: dict[str, dict] = {
@@ -149,11 +150,22 @@ def build_open_clip(
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=arch["text_cfg"]["context_length"])
         transform_id = f"clip-resize-crop-{image_size}"
     else:
-        if model not in open_clip.list_models():
+        # hf-hub:<repo> and local-dir:<dir> carry their own config; other names must be built in
+        schema = model.startswith(("hf-hub:", "local-dir:"))
+        if not schema and model not in open_clip.list_models():
             raise BackboneLoadError(
-                f"unknown open_clip model {model!r}; known: {', '.join(open_clip.list_models()[:20])}, ..."
+                f"unknown open_clip model {model!r}; known: {', '.join(open_clip.list_models()[:20])}, ... "
+                "(or hf-hub:<repo> / local-dir:<dir> for a model with its own open_clip_config.json)"
             )
-        activation = _activation_kwargs(model, pretrained, quick_gelu)
+        # a pretrained tag or a hub model may download: from the cache only when the hub is unreachable
+        from_hub = model.startswith("hf-hub:") or bool(
+            pretrained and not os.path.exists(os.path.expanduser(pretrained))
+        )
+        cache_only = from_hub and not hub_reachable()
+        with hub_cache_only(cache_only):
+            activation = (
+                {} if schema and quick_gelu is None else _activation_kwargs(model, pretrained, quick_gelu)
+            )
         # OpenAI's released files are TorchScript archives, which open_clip's weights-only load refuses:
         # build the architecture, then load their weights like a checkpoint
         archive = pretrained if pretrained and is_torchscript_archive(pretrained) else None
@@ -162,9 +174,10 @@ def build_open_clip(
                 # a mismatch the checks above missed must not pass as a warning
                 warnings.filterwarnings("error", message=".*QuickGELU mismatch")
                 torch.manual_seed(init_seed)
-                clip, _, transform = open_clip.create_model_and_transforms(
-                    model, pretrained=None if archive else pretrained, cache_dir=cache_dir, **activation
-                )
+                with hub_cache_only(cache_only):
+                    clip, _, transform = open_clip.create_model_and_transforms(
+                        model, pretrained=None if archive else pretrained, cache_dir=cache_dir, **activation
+                    )
         except Exception as err:
             raise BackboneLoadError(
                 f"could not load open_clip model {model!r} with pretrained={pretrained!r}: {type(err).__name__}: {err}\n"
@@ -174,9 +187,10 @@ def build_open_clip(
                     else weights_hint("open_clip", model, pretrained, cache_dir)
                 )
             ) from err
-        tokenizer = open_clip.get_tokenizer(
-            model, **({"context_length": context_length} if context_length else {})
-        )
+        with hub_cache_only(cache_only):
+            tokenizer = open_clip.get_tokenizer(
+                model, **({"context_length": context_length} if context_length else {})
+            )
         transform_id = f"open_clip-{model}-val"
         if archive:
             load_state_dict_file(clip, archive)

@@ -4,7 +4,8 @@ Layout (CIRCO README): ``ROOT/annotations/{val,test}.json``,
 ``ROOT/COCO2017_unlabeled/annotations/image_info_unlabeled2017.json`` and
 ``ROOT/COCO2017_unlabeled/unlabeled2017/<12-digit id>.jpg`` (the ``file_name`` of the image info).
 
-Rules (``shared/reference/benchmarks.md`` §3, the official ``src/evaluation.py``): the gallery is the
+Rules (``docs/benchmarks.md``, CIRCO; the official ``src/evaluation.py`` of
+https://github.com/miccunifi/CIRCO): the gallery is the
 whole index in file order, the reference is NOT removed, every ``gt_img_ids`` entry is a positive;
 mAP@k normalises by min(k, len(gt_img_ids)); recall@k counts only ``target_img_id``. Query ids must equal
 their position in the annotation file (the official evaluator looks queries up by position).

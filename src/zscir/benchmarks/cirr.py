@@ -7,7 +7,7 @@ Two on-disk layouts are read:
 * the CIRR README's tree: ``ROOT/{captions,image_splits}`` with images under ``ROOT/img_raw/<relpath>``
   (``ROOT`` may also be its parent, holding ``cirr/{captions,image_splits,img_raw}``).
 
-Rules (``shared/reference/benchmarks.md`` §2): gallery = every image of ``split.rc2.<split>.json`` minus
+Rules (``docs/benchmarks.md``, CIRR): gallery = every image of ``split.rc2.<split>.json`` minus
 the query's reference; the positive is ``target_hard``; the subset is ``img_set.members`` minus the
 reference, ranked in the order of the reference-free global ranking. ``test1`` has no targets: it
 writes the two server files instead.

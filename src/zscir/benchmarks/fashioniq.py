@@ -6,7 +6,7 @@ Layout (``XiaoxiaoGuo/fashion-iq`` + the images every peer reads)::
     ROOT/image_splits/split.<category>.<split>.json  ["<asin>", ...]
     ROOT/images/<asin>.png  (or .jpg: SEARLE/CLIP4Cir use .jpg, Pic2Word .png; both are found)
 
-Rules (``shared/reference/benchmarks.md`` §1, SEARLE ``validate.py``): gallery = the category's split
+Rules (``docs/benchmarks.md``, FashionIQ; SEARLE ``validate.py``): gallery = the category's split
 list in file order; every triplet is a query (no de-duplication); the reference is NOT removed; the query
 text is both caption orders, each caption ``strip('.?, ')``-ed and joined with " and ", their features
 normalised, averaged and renormalised; recall@10/50 per category. ``category="all"`` scores the three

@@ -11,7 +11,8 @@ root unless ``vg_dir`` / ``coco_dir`` say otherwise)::
 Each template is ``{"condition", "reference", "target", "gallery": [...]}``; object-task images are
 ``{"val_image_id": int}``, attribute-task images VAW instances ``{"image_id", "instance_bbox": [x, y, w, h]}``.
 
-Rules (``shared/reference/benchmarks.md`` §4, ``genecis/datasets/vaw_dataset.py``, ``eval_functions.py``):
+Rules (``docs/benchmarks.md``, GeneCIS; ``genecis/datasets/vaw_dataset.py``, ``eval_functions.py`` of
+https://github.com/facebookresearch/genecis):
 candidates = ``[target] + gallery`` with the target at index 0; recall@1/2/3 = share of templates whose
 target is among the top k; a gallery item identical to the target (same image, same box) ties with it and
 the tie counts for the target. Attribute images are crops: the box is dilated by 0.7 of its size to the

@@ -4,8 +4,11 @@ composition from Python, and the benchmarks a run evaluates (resolved once, from
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from zscir.api import PACKAGE_CONF
+from zscir.benchmarks import Benchmark
 from zscir.cli.launch import run_stamp
 from zscir.data.loaders import DataConfig
 from zscir.data.synthetic import SynthConfig
@@ -98,6 +102,8 @@ class BackboneConfig:
     #: open_clip only: the MLP activation the weights were trained with (true: QuickGELU, as OpenAI's
     #: CLIP; false: GELU; null: the pretrained tag's, else the architecture's)
     quick_gelu: bool | None = None
+    #: hf_clip / hf_blip: the hub revision (branch, tag or commit) of ``model``; part of the fingerprint
+    revision: str | None = None
     #: experiment config that produces ``checkpoint`` when it is missing (the synthetic-world CLIP)
     train_recipe: str | None = None
     #: BLIP only (None: the kind's default): BERT tokenizer folder or cached hub name (lavis_blip), input
@@ -156,6 +162,7 @@ ROOT_KEYS = {
         "resume",
         "synth",
         "experiment_name",
+        "paper",
         "optimized_metric",
         "visualize",
         "visualize_k",
@@ -179,6 +186,7 @@ ROOT_KEYS = {
         "run_dir",
         "synth",
         "experiment_name",
+        "paper",
         "save_features",
         "visualize",
         "visualize_k",
@@ -209,8 +217,18 @@ def validate_config(cfg: DictConfig, task: str, benchmarks: list[dict] | None = 
     if task == "train":
         parse_config(DataConfig, plain(cfg.data))
         parse_config(CheckpointConfig, plain(cfg.checkpoint))
-    for bench in benchmark_configs(cfg) if benchmarks is None else benchmarks:
+    benchmarks = benchmark_configs(cfg) if benchmarks is None else benchmarks
+    for bench in benchmarks:
         parse_config(BenchmarkConfig, {k: bench[k] for k in ("kind", "root", "split", "name") if k in bench})
+    check_loggers(cfg)
+    check_backbone_fits(cfg, benchmarks)
+    missing = OmegaConf.is_missing(cfg, "optimized_metric")
+    if task == "train" and (missing or (optuna_sweep() and not cfg.optimized_metric)):
+        names = ", ".join(b.get("name") or b["kind"] for b in benchmarks) or "none"
+        raise ValueError(
+            "an Optuna search needs the metric it maximises: add optimized_metric=<benchmark>/<metric>, "
+            f"e.g. optimized_metric=cirr/recall@1 (this run's benchmarks: {names})"
+        )
 
 
 def check_trainer_keys(trainer_cfg: dict) -> None:
@@ -225,6 +243,153 @@ def check_trainer_keys(trainer_cfg: dict) -> None:
         raise ValueError(
             f"unknown trainer option(s) {', '.join(hints)}: the trainer group takes lightning.Trainer arguments"
         )
+
+
+#: optional packages a logger needs: ``_target_`` class name -> (module, pip line)
+LOGGER_PACKAGES = {
+    "TensorBoardLogger": ("tensorboard", "pip install 'zscir[tensorboard]'"),
+    "WandbLogger": ("wandb", "pip install wandb"),
+    "MLFlowLogger": ("mlflow", "pip install mlflow"),
+    "CometLogger": ("comet_ml", "pip install comet-ml"),
+    "NeptuneLogger": ("neptune", "pip install neptune"),
+}
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` (dotted) can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """Refuse, at start-up, a requested logger whose class or package cannot be imported (a logger that is
+    installed but cannot reach its server is only dropped with a warning, see ``zscir.cli.run``).
+
+    Raises:
+        ModuleNotFoundError: naming the logger and the pip line that installs what it needs.
+    """
+    for name, conf in (cfg.get("logger") or {}).items():
+        target = str((conf or {}).get("_target_") or "")
+        module, _, cls = target.rpartition(".")
+        needed, hint = LOGGER_PACKAGES.get(cls, (None, None))
+        if needed is not None and not installed(needed):
+            raise ModuleNotFoundError(
+                f"logger={name} needs the {needed!r} package, which is not installed: {hint}"
+            )
+        if module and not installed(module.split(".")[0]):
+            raise ModuleNotFoundError(f"logger={name}: its class {target} cannot be imported (no {module!r})")
+
+
+def check_backbone_fits(cfg: DictConfig, benchmarks: list[dict]) -> None:
+    """Refuse the synthetic-world backbone (one with a ``train_recipe``: a toy CLIP trained on the shapes
+    world, the default) on a benchmark outside the synthetic world: its numbers would mean nothing.
+
+    Raises:
+        ValueError: naming the benchmarks and the ``backbone=`` choice to make.
+    """
+    if not cfg.backbone.get("train_recipe"):
+        return
+    world = Path(str(cfg.paths.synthetic_dir)).expanduser().resolve()
+    real = [
+        b.get("name") or b["kind"]
+        for b in benchmarks
+        if not Path(str(b.get("root", ""))).expanduser().resolve().is_relative_to(world)
+    ]
+    if real:
+        raise ValueError(
+            f"backbone={cfg.backbone.name} is a toy CLIP trained on the synthetic shapes world, but this run "
+            f"evaluates {', '.join(real)} (outside {world}). Choose a real backbone, e.g. backbone=clip_vit_l14 "
+            "or backbone=hf_clip_vit_l14 (conf/backbone/)."
+        )
+
+
+def optuna_sweep() -> bool:
+    """Whether this process is a job of a Hydra sweep run by the Optuna sweeper."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return "optuna" in str(OmegaConf.select(HydraConfig.get(), "sweeper._target_", default="")).lower()
+
+
+def check_metric_key(setting: str, value: str, benchmarks: Sequence[Benchmark], prefix: str = "") -> None:
+    """Refuse, before any training, a metric ``value`` (``<prefix><benchmark>/<metric>``) that this run
+    never computes: ``setting`` (``optimized_metric``, ``checkpoint.monitor``) names it in the message. The
+    benchmark must be one of ``benchmarks``, on a split with ground truth, and log that metric.
+
+    Raises:
+        ValueError: naming the setting, the benchmarks of this run, their metrics and what to change.
+    """
+    key = value.removeprefix(prefix)
+    name, _, metric = key.partition("/")
+    by_name = {b.name: b for b in benchmarks}
+    if name not in by_name:
+        raise ValueError(
+            f"{setting}={value!r} names benchmark {name!r}, which this run does not evaluate "
+            f"(eval_benchmarks: {sorted(by_name) or 'none'}); add {name} to eval_benchmarks or use one of those"
+        )
+    bench = by_name[name]
+    if not bench.labelled:
+        raise ValueError(
+            f"{setting}={value!r}: {name} is evaluated on split {bench.split!r}, which has no ground "
+            f"truth; use a labelled split ({name}.split=val)"
+        )
+    if bench.metric_names and metric not in bench.metric_names:
+        raise ValueError(
+            f"{setting}={value!r}: {name} logs no metric {metric!r}; its metrics: {list(bench.metric_names)}"
+        )
+
+
+def check_monitor(monitor: str | None, benchmarks: Sequence[Benchmark]) -> None:
+    """Refuse a ``checkpoint.monitor`` that the per-epoch validation never logs (Lightning notices only
+    when the first epoch ends). ``val/<benchmark>/<metric>`` is checked with :func:`check_metric_key`;
+    other monitors (e.g. ``train/loss``) are not."""
+    if monitor and monitor.startswith("val/"):
+        check_metric_key("checkpoint.monitor", monitor, benchmarks, prefix="val/")
+
+
+def check_run_metrics(cfg: DictConfig, benchmarks: Sequence[Benchmark], trains: bool) -> None:
+    """``optimized_metric`` and (for a method that trains) ``checkpoint.monitor`` against the benchmarks
+    this run built; called before any training step."""
+    if cfg.get("optimized_metric"):
+        check_metric_key("optimized_metric", cfg.optimized_metric, benchmarks)
+    if trains and cfg.get("checkpoint"):
+        check_monitor(cfg.checkpoint.get("monitor"), benchmarks)
+
+
+#: Hydra plugins a config group may select: (group, option pattern) -> (module, pip line)
+PLUGINS = {
+    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "pip install 'zscir[optuna]'"),
+    ("hydra/launcher", "submitit|slurm|local"): (
+        "hydra_plugins.hydra_submitit_launcher",
+        "pip install 'zscir[slurm]'",
+    ),
+}
+
+
+def check_plugins(overrides: Sequence[str]) -> None:
+    """Before Hydra starts: a sweeper or launcher plugin selected on the command line (``hydra/sweeper=``,
+    ``hydra/launcher=``) or by a chosen ``hparams_search``/``experiment`` file that is not installed
+    ends the program with the pip line that installs it (Hydra alone says only that the option is unknown).
+
+    Raises:
+        SystemExit: a selected plugin is missing.
+    """
+    chosen = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in ("hydra/sweeper", "hydra/launcher"):
+            chosen.append((key, value))
+        elif key in ("hparams_search", "experiment") and value:
+            path = CONF_DIR / key / f"{value}.yaml"
+            text = path.read_text() if path.is_file() else ""
+            chosen += re.findall(r"override /(hydra/(?:sweeper|launcher)):\s*(\w+)", text)
+    for group, value in chosen:
+        for (plugin_group, pattern), (module, hint) in PLUGINS.items():
+            if group == plugin_group and re.search(pattern, value) and not installed(module):
+                raise SystemExit(f"{group}={value} needs the Hydra plugin {module.split('.')[-1]}: {hint}")
 
 
 def plain(node: Any) -> Any:

@@ -13,6 +13,7 @@ evaluation under the same ``$ZSCIR_RUN_ID``) is refused, never overwritten.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from zscir.api import load_checkpoint
 from zscir.api import run_config as load_run  # the name callers of zscir.cli.evaluate know
 from zscir.backbones import backbone_fingerprint
-from zscir.cli.config import CONF_DIR, plain
+from zscir.cli.config import CONF_DIR, check_plugins, plain
 from zscir.cli.outputs import (
     metrics_after_test,
     print_metrics,
@@ -42,8 +43,8 @@ log = logging.getLogger("zscir")
 
 def from_run_dir(cfg: DictConfig) -> None:
     """Take the method, backbone, seed, label, experiment and tags of the run ``cfg.run_dir``, and its
-    checkpoint unless ``ckpt_path`` is given, so no training override has to be repeated (STYLE.md §5,
-    pitfall 5). The benchmark, trainer and eval settings stay this command's."""
+    checkpoint unless ``ckpt_path`` is given, so no training override has to be repeated. The benchmark,
+    trainer and eval settings stay this command's."""
     saved, ckpt = load_run(cfg.run_dir)
     with open_dict(cfg):
         cfg.method, cfg.backbone, cfg.seed = saved.method, saved.backbone, saved.seed
@@ -127,8 +128,14 @@ def _write_outputs(
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+def main() -> None:
+    """``zscir-eval``: a missing launcher plugin is named with its pip line before Hydra starts."""
+    check_plugins(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def _process_start(pid: int) -> str:
 def run_stamp() -> str:
     """The last part of a run (or sweep) directory: ``<date>_<time>_<6 hex>``, or the launcher's id
     when several processes must agree on it. A timestamp alone is not enough: jobs started in the same
-    second collide, and DDP ranks may stamp different seconds (STYLE.md §5, pitfall 2)."""
+    second collide, and DDP ranks may stamp different seconds."""
     return launcher_id() or f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{uuid.uuid4().hex[:6]}"
 
 
@@ -80,14 +80,15 @@ def relaunches_script(trainer: dict) -> bool:
 
 
 def check_launch(cfg: DictConfig, multirun: bool | None = None) -> None:
-    """Refuse a Hydra multirun job that would be multi-process (STYLE.md §5, pitfall 1).
+    """Refuse a Hydra multirun job that would be multi-process.
 
     Lightning starts DDP ranks > 0 by re-running ``sys.argv``; inside ``-m`` that is the whole sweep
     again (Lightning #11300, Hydra #2070): hangs, duplicated jobs, one W&B run for several. And a sweep
     started under torchrun/srun would run every job in every process. Sweep jobs are therefore
-    single-process; a multi-GPU run is a single ``zscir-train`` launched by torchrun or srun.
+    single-process; a multi-GPU run is a single ``zscir-train`` launched by torchrun or srun, or a job of
+    the submitit SLURM launcher (:func:`submitit_slurm_job`), whose tasks each run one job.
     """
-    if not (hydra_multirun() if multirun is None else multirun):
+    if not (hydra_multirun() if multirun is None else multirun) or submitit_slurm_job():
         return
     world = max(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")))
     if world > 1:
@@ -105,6 +106,18 @@ def check_launch(cfg: DictConfig, multirun: bool | None = None) -> None:
             "job (trainer.devices=1), or trainer.strategy=ddp_spawn, or launch the multi-GPU run as a "
             "single `zscir-train trainer=ddp ...` under torchrun/srun (README: Multi-GPU)."
         )
+
+
+def submitit_slurm_job() -> bool:
+    """Whether this process is a task of a SLURM job started by the submitit launcher (``hydra/launcher=
+    slurm``). Such a job runs one sweep job, not the sweep: submitit starts every task with srun and hands
+    it that job alone, and Lightning takes the DDP ranks from SLURM instead of re-running the command line
+    — so a multi-task (multi-GPU, multi-node) job inside ``-m`` is safe there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not (HydraConfig.initialized() and os.environ.get("SLURM_JOB_ID")):
+        return False
+    return "submitit" in str(OmegaConf.select(HydraConfig.get(), "launcher._target_", default=""))
 
 
 def is_global_zero() -> bool:

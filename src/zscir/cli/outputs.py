@@ -4,8 +4,12 @@ submission files and retrieval examples."""
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import logging
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +102,8 @@ def write_run_info(
 ) -> None:
     """``run_info.json``, ``metrics.json`` and ``resolved_config.yaml``; ``checkpoint``: the weights
     the metrics were computed with (``zscir-eval run_dir=`` reloads it); ``benchmarks``: the names of
-    what the run evaluated (None: resolved from ``cfg``)."""
+    what the run evaluated (None: resolved from ``cfg``). ``run_info.json`` also records what the run
+    ran on (:func:`environment_record`)."""
 
     info = {
         "task": task,
@@ -111,6 +116,7 @@ def write_run_info(
         else [b.get("name") or b["kind"] for b in benchmark_configs(cfg)],
         "tags": list(cfg.get("tags") or []),
         "experiment": cfg.get("experiment_name"),
+        **environment_record(),
     }
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
@@ -120,6 +126,63 @@ def write_run_info(
     atomic_write_json(run_dir / "run_info.json", info)
     atomic_write_json(run_dir / "metrics.json", metrics)
     atomic_write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+#: distributions whose versions ``run_info.json`` records (None when not installed)
+RECORDED_PACKAGES = ("zscir", "torch", "lightning", "open_clip_torch", "transformers", "spacy", "grad-cam")
+
+
+def environment_record() -> dict[str, Any]:
+    """What a run ran on, for ``run_info.json``: ``git`` (``{"commit", "dirty"}`` of the checkout zscir's
+    code was imported from; None when that is not a git checkout, e.g. an installed wheel), ``versions``
+    (Python and :data:`RECORDED_PACKAGES`), ``devices`` (the visible CUDA devices' names, else the CPU)
+    and ``command`` (the command line; for a sweep job also its ``overrides``)."""
+    import platform
+
+    import torch
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["torch"] = torch.__version__  # with its build's local tag (+cu130, +cpu), which metadata drops
+    if torch.cuda.is_available():
+        devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    else:
+        devices = [f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"]
+    record: dict[str, Any] = {
+        "git": git_state(Path(__file__).resolve().parent),
+        "versions": versions,
+        "devices": devices,
+        "command": shlex.join(sys.argv),
+    }
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        record["overrides"] = list(HydraConfig.get().overrides.task)
+    return record
+
+
+def git_state(where: Path) -> dict[str, Any] | None:
+    """``{"commit": <sha>, "dirty": <uncommitted changes to tracked files>}`` of the git checkout holding
+    ``where``; None outside a checkout or without git."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def wandb_examples(cfg: DictConfig) -> int:

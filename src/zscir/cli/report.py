@@ -1,12 +1,20 @@
-"""``zscir-report DIR...``: one side-by-side table (markdown + CSV) and bar charts from many runs.
+"""``zscir-report DIR...``: one side-by-side table (markdown, LaTeX, CSV) and bar charts from many runs.
 
     zscir-report outputs/train/multirun/<sweep> --out outputs/report
+    zscir-report <dirs> --out <dir> --paper                 # + the experiments' published numbers
+    zscir-report <dirs> --out <dir> --metrics 'recall@*'    # other metrics than the headline set (or: all)
 
 Collects every ``metrics.json`` under the given run or sweep directories (with the ``run_info.json`` and
 ``resolved_config.yaml`` written beside it), groups runs by (label, backbone, swept settings), and reports
 mean ± std over seeds. A swept setting is a config key whose value differs between runs of one method and
 backbone (e.g. ``method.mask_ratio``); it gets a column, and when it is the only one, a metric-vs-setting
 plot.
+
+The tables and the chart show the headline metrics of each benchmark (:data:`HEADLINE`: CIRR R@1/5/10/50
+and R_s@1, CIRCO mAP@5/10/25/50, FashionIQ average R@10/R@50, GeneCIS R@1 and, over several GeneCIS tasks,
+their average), every metric of other benchmarks, or what ``--metrics`` selects; ``results.csv`` keeps
+every metric. ``--paper`` adds a reference row per experiment whose config has a ``paper:`` block (the
+published numbers, conf/experiment/), beside the measured rows.
 
 The report goes to ``--out`` (default: the directory, when only one is given); a report already there
 is not replaced without ``--overwrite``.
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import io
 import json
 import math
@@ -24,7 +33,20 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from zscir.benchmarks.base import PROTOCOLS
 from zscir.utils.io import atomic_write_bytes, atomic_write_text
+
+#: the metrics a table shows by default, per benchmark kind (any other kind: all its metrics); under a
+#: non-official protocol the same names behind its prefix (``pli/recall@1``)
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "cirr": ("recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1"),
+    "circo": ("map@5", "map@10", "map@25", "map@50"),
+    "fashioniq": ("recall@10", "recall@50"),  # with category=all: the mean of the three categories
+    "genecis": ("recall@1",),
+    "genecis_avg": ("recall@1",),
+}
+#: the column holding the mean recall@1 of a row's GeneCIS benchmarks, when it has several (the four tasks)
+GENECIS_AVG = "genecis_avg/recall@1"
 
 #: config keys that never make two runs different settings (where things live, how they are logged,
 #: per-run identity and speed knobs); ``seed`` is averaged over, not a setting
@@ -38,6 +60,7 @@ IGNORED_KEYS = (
     "run_dir",
     "ckpt_path",
     "optimized_metric",
+    "paper.",
     "visualize",
     "visualize_k",
     "save_features",
@@ -112,6 +135,74 @@ def collect_runs(dirs: list[str | Path]) -> list[dict]:
     return runs
 
 
+def benchmark_kinds(runs: list[dict]) -> dict[str, str]:
+    """Benchmark name -> kind, from the runs' configs (``benchmarks.<name>.kind``, ``benchmark.kind``);
+    names without a config stand for their kind (``cirr``)."""
+    kinds: dict[str, str] = {}
+    for run in runs:
+        config = run["config"]
+        for key, value in config.items():
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "benchmarks" and parts[2] == "kind":
+                kinds.setdefault(parts[1], str(value))
+        if config.get("benchmark.kind"):
+            kinds.setdefault(
+                str(config.get("benchmark.name") or config["benchmark.kind"]), str(config["benchmark.kind"])
+            )
+    return kinds
+
+
+def select_columns(columns: list[str], kinds: dict[str, str], metrics: list[str] | None = None) -> list[str]:
+    """The columns a table shows: ``metrics`` (``fnmatch`` patterns matched against ``<benchmark>/<metric>``
+    or the metric alone; ``["all"]``: every column), else each benchmark's :data:`HEADLINE` set."""
+    if metrics == ["all"]:
+        return list(columns)
+    if metrics:
+        return [
+            c
+            for c in columns
+            if any(fnmatch.fnmatch(c, p) or fnmatch.fnmatch(c.split("/", 1)[1], p) for p in metrics)
+        ]
+    chosen = []
+    for column in columns:
+        bench, metric = column.split("/", 1)
+        head = HEADLINE.get(kinds.get(bench, bench))
+        protocol, _, rest = metric.partition("/")
+        base = rest if protocol in PROTOCOLS and rest else metric
+        if head is None or base in head:
+            chosen.append(column)
+    return chosen
+
+
+def paper_rows(runs: list[dict], params: list[str]) -> list[dict]:
+    """One reference row per experiment whose runs carry a ``paper:`` block (``paper.metrics``: published
+    numbers keyed ``<benchmark>/<metric>``; ``paper.source``: where they are from)."""
+    rows, seen = [], set()
+    for run in runs:
+        config = run["config"]
+        experiment = config.get("experiment_name")
+        published = {
+            k.removeprefix("paper.metrics."): float(v)
+            for k, v in config.items()
+            if k.startswith("paper.metrics.")
+        }
+        if not published or experiment in seen:
+            continue
+        seen.add(experiment)
+        rows.append(
+            {
+                "method": f"{run['label']} (paper)",
+                "backbone": run["backbone"],
+                "params": dict.fromkeys(params),
+                "n": 0,
+                "mean": published,
+                "std": {},
+                "paper": str(config.get("paper.source") or ""),
+            }
+        )
+    return rows
+
+
 def _ignored(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED_KEYS)
 
@@ -136,11 +227,15 @@ def sweep_parameters(runs: list[dict]) -> list[str]:
     return varying
 
 
-def summarize(runs: list[dict], params: list[str] | None = None) -> tuple[list[str], list[dict]]:
+def summarize(
+    runs: list[dict], params: list[str] | None = None, kinds: dict[str, str] | None = None
+) -> tuple[list[str], list[dict]]:
     """(metric columns, rows) with ``mean``/``std`` over seeds and ``n`` seeds per (label, backbone,
     swept values), in first-seen order. Runs of one row with the same seed are merged (a training run
-    and its re-evaluations). ``params``: the swept keys (default: :func:`sweep_parameters`)."""
+    and its re-evaluations). ``params``: the swept keys (default: :func:`sweep_parameters`); ``kinds``:
+    benchmark kinds (default: :func:`benchmark_kinds`), for the GeneCIS average (:data:`GENECIS_AVG`)."""
     params = sweep_parameters(runs) if params is None else params
+    kinds = benchmark_kinds(runs) if kinds is None else kinds
     columns: list[str] = []
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
@@ -154,6 +249,15 @@ def summarize(runs: list[dict], params: list[str] | None = None) -> tuple[list[s
         samples: dict[object, dict] = {}
         for m in members:
             samples.setdefault(m["dir"] if m["seed"] is None else m["seed"], {}).update(m["metrics"])
+        for sample in samples.values():
+            tasks = [
+                v
+                for k, v in sample.items()
+                if k.endswith("/recall@1") and kinds.get(k.split("/")[0]) == "genecis"
+            ]
+            if len(tasks) > 1:
+                sample[GENECIS_AVG] = sum(tasks) / len(tasks)
+                columns += [] if GENECIS_AVG in columns else [GENECIS_AVG]
         row = {
             "method": label,
             "backbone": backbone,
@@ -190,13 +294,13 @@ def render_tables(columns: list[str], rows: list[dict]) -> tuple[str, str]:
             [r["method"]]
             + ([r["backbone"]] if several_backbones else [])
             + [_param(r["params"][p]) for p in params]
-            + ([str(r["n"])] if with_std else [])
+            + ([str(r["n"]) if r.get("paper") is None else "paper"] if with_std else [])
         )
         cells = []
         for col in columns:
             if col not in r["mean"]:
                 cells.append("–")
-            elif with_std:
+            elif with_std and r.get("paper") is None:
                 cells.append(f"{r['mean'][col]:.2f} ± {r['std'][col]:.2f}")
             else:
                 cells.append(f"{r['mean'][col]:.2f}")
@@ -207,6 +311,76 @@ def render_tables(columns: list[str], rows: list[dict]) -> tuple[str, str]:
             values += [_fmt(mean)] + ([_fmt(std)] if with_std else [])
         writer.writerow(ident + values)
     return "\n".join(md) + "\n", out.getvalue()
+
+
+#: how metric names read in a LaTeX header
+_LATEX_METRIC = (("recall\\_subset@", "R$_s$@"), ("recall@", "R@"), ("map@", "mAP@"))
+
+
+def _latex_escape(text: str) -> str:
+    return re.sub(r"([_%&#$])", r"\\\1", text)
+
+
+def render_latex(columns: list[str], rows: list[dict], caption: str = "") -> str:
+    """A ``booktabs`` table of the markdown table's rows: one column group per benchmark, mean (± std over
+    seeds when rows average several), the best mean per column in bold; reference rows (published numbers)
+    in italics after a rule."""
+    several_backbones = len({r["backbone"] for r in rows}) > 1
+    with_std = any(r["n"] > 1 for r in rows)
+    params = list(rows[0].get("params", {})) if rows else []
+    ident = ["Method"] + (["Backbone"] if several_backbones else []) + [_latex_escape(p) for p in params]
+    benchmarks = list(dict.fromkeys(c.split("/", 1)[0] for c in columns))
+    groups = [[c for c in columns if c.split("/", 1)[0] == b] for b in benchmarks]
+    best = {
+        c: max((r["mean"][c] for r in rows if c in r["mean"] and r.get("paper") is None), default=None)
+        for c in columns
+    }
+    lines = [
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\begin{tabular}{" + "l" * len(ident) + "".join("|" + "c" * len(g) for g in groups) + "}",
+        "\\toprule",
+        " & " * (len(ident) - 1)
+        + "".join(
+            f" & \\multicolumn{{{len(g)}}}{{c}}{{{_latex_escape(b)}}}" for b, g in zip(benchmarks, groups)
+        )
+        + " \\\\",
+    ]
+    names = []
+    for c in columns:
+        name = _latex_escape(c.split("/", 1)[1])
+        for old, new in _LATEX_METRIC:
+            name = name.replace(old, new)
+        names.append(name)
+    lines += [" & ".join(ident + names) + " \\\\", "\\midrule"]
+    measured = [r for r in rows if r.get("paper") is None]
+    reference = [r for r in rows if r.get("paper") is not None]
+    for block in (measured, reference):
+        if block is reference and reference:
+            lines.append("\\midrule")
+        for r in block:
+            cells = [_latex_escape(r["method"])] + (
+                [_latex_escape(r["backbone"])] if several_backbones else []
+            )
+            cells += [_latex_escape(_param(r["params"][p])) for p in params]
+            for c in columns:
+                if c not in r["mean"]:
+                    cells.append("--")
+                    continue
+                text = f"{r['mean'][c]:.2f}"
+                if with_std and r.get("paper") is None:
+                    text += f" $\\pm$ {r['std'][c]:.2f}"
+                if r.get("paper") is not None:
+                    text = f"\\textit{{{text}}}"
+                elif best[c] is not None and r["mean"][c] == best[c] and len(measured) > 1:
+                    text = f"\\textbf{{{text}}}"
+                cells.append(text)
+            lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if caption:
+        lines.append(f"\\caption{{{_latex_escape(caption)}}}")
+    lines.append("\\end{table}")
+    return "\n".join(lines) + "\n"
 
 
 def _param(value: object) -> str:
@@ -241,6 +415,7 @@ def plot_bars(columns: list[str], rows: list[dict], path: Path, title: str = "")
                 yerr=[r["std"].get(c, 0.0) for c in cols],
                 label=name,
                 capsize=2,
+                hatch="//" if r.get("paper") is not None else None,  # published numbers
             )
         ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))])
         ax.set_xticklabels([c.split("/", 1)[1] for c in cols], rotation=45, ha="right", fontsize=8)
@@ -308,14 +483,21 @@ def plot_sweep(columns: list[str], rows: list[dict], param: str, path: Path, tit
 
 
 #: what a report consists of (``results_<setting>.png``: the metric-vs-setting plot)
-REPORT_FILES = ("results.md", "results.csv", "results.png", "results_*.png")
+REPORT_FILES = ("results.md", "results.csv", "results.tex", "results.png", "results_*.png")
 
 
 def report(
-    dirs: list[str | Path], out_dir: str | Path, title: str = "zscir results", overwrite: bool = False
+    dirs: list[str | Path],
+    out_dir: str | Path,
+    title: str = "zscir results",
+    overwrite: bool = False,
+    metrics: list[str] | None = None,
+    paper: bool = False,
 ) -> dict[str, Path]:
-    """Write ``results.md``, ``results.csv`` and ``results.png`` into ``out_dir`` (plus
-    ``results_<setting>.png`` when exactly one setting is swept); returns their paths.
+    """Write ``results.md``, ``results.tex``, ``results.csv`` and ``results.png`` into ``out_dir`` (plus
+    ``results_<setting>.png`` when exactly one setting is swept); returns their paths. The markdown and
+    LaTeX tables and the charts show ``metrics`` (see :func:`select_columns`; None: the headline set), the
+    CSV every metric; ``paper``: add the published numbers of the runs' experiments (:func:`paper_rows`).
 
     Raises:
         FileNotFoundError: no ``metrics.json`` under ``dirs``.
@@ -333,15 +515,30 @@ def report(
     if not runs:
         raise FileNotFoundError(f"no metrics.json found under {[str(d) for d in dirs]}")
     params = sweep_parameters(runs)
-    columns, rows = summarize(runs, params)
-    md, table_csv = render_tables(columns, rows)
+    kinds = benchmark_kinds(runs)
+    columns, rows = summarize(runs, params, kinds)
+    references = paper_rows(runs, params) if paper else []
+    measured_benchmarks = {c.split("/", 1)[0] for c in columns}
+    for ref in references:  # published numbers of benchmarks this report measures
+        ref["mean"] = {k: v for k, v in ref["mean"].items() if k.split("/", 1)[0] in measured_benchmarks}
+        columns += [k for k in ref["mean"] if k not in columns]
+    shown = select_columns(columns, kinds, metrics)
+    if not shown:
+        raise ValueError(f"--metrics {metrics} selects none of the metrics: {columns}")
+    md, _ = render_tables(shown, rows + references)
+    _, table_csv = render_tables(columns, rows + references)
+    sources = "; ".join(f"{r['method']}: {r['paper']}" for r in references if r["paper"])
     paths = {
-        "markdown": atomic_write_text(out / "results.md", f"# {title}\n\n{md}"),
+        "markdown": atomic_write_text(
+            out / "results.md",
+            f"# {title}\n\n{md}" + (f"\nPublished numbers: {sources}\n" if sources else ""),
+        ),
+        "latex": atomic_write_text(out / "results.tex", render_latex(shown, rows + references, title)),
         "csv": atomic_write_text(out / "results.csv", table_csv),
-        "plot": plot_bars(columns, rows, out / "results.png", title),
+        "plot": plot_bars(shown, rows + references, out / "results.png", title),
     }
     if len(params) == 1:
-        paths["sweep_plot"] = plot_sweep(columns, rows, params[0], out / f"results_{params[0]}.png", title)
+        paths["sweep_plot"] = plot_sweep(shown, rows, params[0], out / f"results_{params[0]}.png", title)
     elif params:
         print(f"several settings vary ({', '.join(params)}): no metric-vs-setting plot", flush=True)
     for stale in set(existing) - set(paths.values()):  # e.g. the plot of a setting no longer swept
@@ -358,14 +555,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--title", default="zscir results")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated metrics shown in the tables and chart (patterns like 'recall@*' or "
+        "'cirr/recall_subset@*'; 'all': every one); default: each benchmark's headline set",
+    )
+    parser.add_argument(
+        "--paper", action="store_true", help="add the experiments' published numbers as reference rows"
+    )
     args = parser.parse_args(argv)
     if args.out is None and len(args.dirs) > 1:
         # a report of several directories belongs to none of them (a report of the first alone would
         # later replace it, or be refused)
         parser.error(f"--out is needed with several directories ({len(args.dirs)} given)")
     try:
-        paths = report(args.dirs, args.out or args.dirs[0], args.title, args.overwrite)
-    except (FileNotFoundError, FileExistsError) as err:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+        paths = report(args.dirs, args.out or args.dirs[0], args.title, args.overwrite, metrics, args.paper)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"zscir-report: error: {err}", file=sys.stderr)
         return 2
     for kind, path in paths.items():

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from zscir.benchmarks import Benchmark, build_benchmark
-from zscir.cli.config import benchmark_configs, plain, validate_config
+from zscir.cli.config import benchmark_configs, check_run_metrics, plain, validate_config
 from zscir.cli.launch import check_launch, is_global_zero
 from zscir.cli.provision import ensure_backbone, ensure_synthetic_world
 from zscir.cli.safe_loggers import start_failsafe
@@ -52,7 +52,9 @@ def prepare_run(
     exists (checks that refuse to reuse it, the saved config).
 
     Raises:
-        ValueError: an invalid config (unknown key, wrong type, unknown benchmark).
+        ValueError: an invalid config (unknown key, wrong type, unknown benchmark, the synthetic backbone on
+            a real benchmark, an ``optimized_metric`` or ``checkpoint.monitor`` this run never computes).
+        ModuleNotFoundError: a requested logger that is not installed.
         RuntimeError: a Hydra multirun job that would be multi-process.
     """
     benchmarks_cfg = benchmark_configs(cfg)
@@ -68,7 +70,9 @@ def prepare_run(
     ensure_backbone(cfg, train_recipe)
     L.seed_everything(cfg.seed, workers=True)
     method = build_method(plain(cfg.backbone), plain(cfg.method))
-    return Run(run_dir, method, benchmarks_cfg, build_benchmarks(benchmarks_cfg))
+    benchmarks = build_benchmarks(benchmarks_cfg)
+    check_run_metrics(cfg, benchmarks, method.trains)
+    return Run(run_dir, method, benchmarks_cfg, benchmarks)
 
 
 def build_benchmarks(configs: list[dict]) -> list[Benchmark]:
@@ -86,8 +90,9 @@ def build_benchmarks(configs: list[dict]) -> list[Benchmark]:
 
 
 def build_loggers(cfg: DictConfig, benchmarks: list[str] | None = None) -> list:
-    """The configured loggers, started now and guarded: one that cannot start (W&B unreachable, not
-    logged in) is dropped with a warning, and one that fails later is disabled with a warning; neither
+    """The configured loggers, started now and guarded: one that is not installed was refused at start-up
+    (``zscir.cli.config.check_loggers``); one that cannot start (W&B unreachable, not logged in) is dropped
+    with a warning, and one that fails later is disabled with a warning; neither
     ever fails the run (see ``zscir.cli.safe_loggers``). W&B gets this run's identity (see
     ``zscir.cli.tracking``)."""
     loggers = []

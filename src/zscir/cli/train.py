@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +26,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from zscir.benchmarks.base import Benchmark
 from zscir.cli.callbacks import AtomicCheckpointIO, Preempted, reliability_callbacks
-from zscir.cli.config import CONF_DIR, parse_config, plain
+from zscir.cli.config import CONF_DIR, check_plugins, parse_config, plain
 from zscir.cli.launch import is_global_zero
 from zscir.cli.outputs import (
     metrics_after_test,
@@ -51,7 +51,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Raises:
         FileExistsError: the run directory already holds a run and ``resume`` is not set.
-        ValueError: an invalid config, or a ``checkpoint.monitor`` the validation never logs.
+        ValueError: an invalid config, or an ``optimized_metric``/``checkpoint.monitor`` this run never
+            computes (both refused before any training step).
     """
     resume = None
 
@@ -63,8 +64,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     run = prepare_run(cfg, "train", train_recipe=train, before_provision=claim)
     method, benchmarks, run_dir = run.method, run.benchmarks, run.run_dir
-    if method.trains:
-        check_monitor(cfg.checkpoint.monitor, benchmarks)
     method.attach_benchmarks(
         benchmarks,
         batch_size=cfg.eval.batch_size,
@@ -76,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         metrics = _fit_and_test(cfg, method, benchmarks, run_dir, loggers, resume, run.benchmark_names)
         failed = False
-    finally:  # every job of a multirun is its own W&B run, failed or not (STYLE.md §5, pitfall 3)
+    finally:  # every job of a multirun is its own W&B run, failed or not
         finish_wandb(loggers, failed=failed)
     return metrics
 
@@ -143,38 +142,6 @@ def _fit_and_test(
     return metrics
 
 
-def check_monitor(monitor: str | None, benchmarks: list[Benchmark]) -> None:
-    """Refuse, before any training, a ``checkpoint.monitor`` that the per-epoch validation never logs.
-
-    A selection metric ``val/<benchmark>/<metric>`` must belong to a benchmark of ``eval_benchmarks`` (the
-    benchmarks validated after every epoch), on a split with ground truth, and be one of its metrics.
-    Lightning itself notices a missing metric only when the first epoch ends. Other monitors (e.g.
-    ``train/loss``) are not checked.
-
-    Raises:
-        ValueError: naming the monitor, the benchmarks this run evaluates and what to change.
-    """
-    if not monitor or not monitor.startswith("val/"):
-        return
-    _, name, metric = [*monitor.split("/", 2), "", ""][:3]
-    by_name = {b.name: b for b in benchmarks}
-    if name not in by_name:
-        raise ValueError(
-            f"checkpoint.monitor={monitor!r} selects on benchmark {name!r}, which this run does not validate "
-            f"(eval_benchmarks: {sorted(by_name) or 'none'}); add {name} to eval_benchmarks or monitor one of those"
-        )
-    bench = by_name[name]
-    if not bench.labelled:
-        raise ValueError(
-            f"checkpoint.monitor={monitor!r}: {name} is evaluated on split {bench.split!r}, which has no ground "
-            f"truth; select on a labelled split ({name}.split=val)"
-        )
-    if bench.metric_names and metric not in bench.metric_names:
-        raise ValueError(
-            f"checkpoint.monitor={monitor!r}: {name} logs no metric {metric!r}; its metrics: {list(bench.metric_names)}"
-        )
-
-
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     """The checkpoint to resume from, after refusing to overwrite a run directory that holds a run.
 
@@ -220,7 +187,7 @@ def preemption_exit() -> Iterator[None]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Returns ``optimized_metric`` for hyper-parameter sweepers (Optuna) when it is set."""
     metrics = train(cfg)
     key = cfg.get("optimized_metric")
@@ -229,6 +196,12 @@ def main(cfg: DictConfig) -> float | None:
     if key not in metrics:
         raise KeyError(f"optimized_metric {key!r} is not among this run's metrics: {sorted(metrics)}")
     return metrics[key]
+
+
+def main() -> None:
+    """``zscir-train``: a missing sweeper/launcher plugin is named with its pip line before Hydra starts."""
+    check_plugins(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

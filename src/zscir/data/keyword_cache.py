@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from zscir.data.text_corpora import CaptionSource, MemorySource, StringArray, StringLists
 from zscir.text.keywords import KEYWORD_POS, clean_caption, clip_bpe, keyword_runs
@@ -37,6 +39,26 @@ log = logging.getLogger(__name__)
 #: bump when the entry layout or the cleaning/keyword rules change: every entry is then rebuilt
 CACHE_VERSION = 1
 SUFFIX = ".zscir-keywords.npz"
+#: below this many bytes of captions (~100k captions) one spaCy process beats starting several
+PARALLEL_MIN_BYTES = 8 << 20
+
+
+def default_n_process(source: CaptionSource | MemorySource) -> int:
+    """spaCy processes for building ``source``'s entry when none is configured: 1 for a small source
+    (held in memory, a file under :data:`PARALLEL_MIN_BYTES`, or a ``limit`` under ~100k captions), where
+    loading the model in each worker costs more than it saves; else half the usable CPUs, at most 4
+    (parsing with ``en_core_web_sm`` scales sub-linearly, and the data loader needs CPUs too)."""
+    path = getattr(source, "path", None)
+    small = (
+        path is None
+        or (source.limit is not None and source.limit < 100_000)
+        or not Path(path).is_file()
+        or Path(path).stat().st_size < PARALLEL_MIN_BYTES
+    )
+    if small:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus // 2))
 
 
 @dataclass(frozen=True)
@@ -99,7 +121,7 @@ class KeywordCache:
         cache_dir: folder for the entries; None puts each next to its file (a :class:`MemorySource`
             then needs a folder).
         batch_size: ``nlp.pipe`` batch size.
-        n_process: spaCy worker processes for building.
+        n_process: spaCy worker processes for building (None: :func:`default_n_process` per source).
         nlp: a loaded spaCy pipeline (default: loaded when the first entry is built).
     """
 
@@ -108,7 +130,7 @@ class KeywordCache:
         settings: KeywordSettings,
         cache_dir: str | Path | None = None,
         batch_size: int = 256,
-        n_process: int = 1,
+        n_process: int | None = None,
         nlp: object | None = None,
     ):
         self.settings = settings
@@ -141,7 +163,7 @@ class KeywordCache:
         meta = {"source": source.identity(), "settings": self._fingerprint}
         entry = self._load(path, meta, source.limit)
         if entry is None:
-            with _locked(path):
+            with _locked(path, f"another process is building the keyword cache of {source.name}"):
                 entry = self._load(path, meta, source.limit)  # built by another process while we waited?
                 if entry is None:
                     entry = self.build(source)
@@ -166,13 +188,16 @@ class KeywordCache:
         return self._nlp
 
     def build(self, source: CaptionSource | MemorySource) -> KeywordEntry:
-        """Clean every caption of ``source`` and parse it once (``nlp.pipe`` in batches)."""
+        """Clean every caption of ``source`` and parse it once (``nlp.pipe`` in batches), with a progress
+        bar (captions; with a total when it is known beforehand)."""
         start = time.time()
+        n_process = self.n_process or default_n_process(source)
         bpe = clip_bpe(self.settings.context_length)
         cleaned = (clean_caption(c, bpe, self.settings.context_length) for c in source.read())
         captions, keywords = [], []
-        docs = self.nlp.pipe(cleaned, batch_size=self.batch_size, n_process=self.n_process)
-        for doc in docs:
+        docs = self.nlp.pipe(cleaned, batch_size=self.batch_size, n_process=n_process)
+        total = len(source.captions) if isinstance(source, MemorySource) else source.limit  # else unknown
+        for doc in tqdm(docs, desc=f"keywords {source.name}", unit=" captions", total=total, mininterval=5):
             captions.append(doc.text)
             keywords.append(keyword_runs(doc, self.settings.pos))
         log.info(
@@ -180,7 +205,7 @@ class KeywordCache:
             len(captions),
             source.name,
             time.time() - start,
-            self.n_process,
+            n_process,
         )
         return KeywordEntry(StringArray.from_strings(captions), StringLists.from_lists(keywords))
 
@@ -228,8 +253,9 @@ class KeywordCache:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``<path>.lock`` (none where the folder cannot be written)."""
+def _locked(path: Path, holder: str = "another process holds it") -> Iterator[None]:
+    """An exclusive lock on ``<path>.lock`` (none where the folder cannot be written). A process that has
+    to wait says so (``holder``: what the other process is doing), and again when it gets the lock."""
     lock = path.with_name(path.name + ".lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +264,13 @@ def _locked(path: Path) -> Iterator[None]:
         yield
         return
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s: %s is locked (%s)", lock.name, holder, path)
+            start = time.time()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            log.info("%s is free after %.0f s; reading what was built", lock.name, time.time() - start)
         try:
             yield
         finally:

@@ -47,9 +47,10 @@ class KeywordOptions:
     cache: bool = True
     #: folder of the keyword cache (None: next to each corpus file)
     cache_dir: str | None = None
-    #: nlp.pipe batch size and worker processes when building the cache
+    #: nlp.pipe batch size and worker processes when building the cache (None: 1 for a small corpus file,
+    #: else up to 4; see zscir.data.keyword_cache.default_n_process)
     batch_size: int = 256
-    n_process: int = 1
+    n_process: int | None = None
 
 
 class CachedSelfMasking(Dataset):

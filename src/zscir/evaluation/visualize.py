@@ -71,7 +71,7 @@ def retrieve(
     q = normalize(query_feats[indices])
     g = normalize(gallery_feats)
     scores = q @ g.T
-    # CIRR deletes the reference from the ranking; the other gallery benchmarks keep it (benchmarks.md)
+    # CIRR deletes the reference from the ranking; the other gallery benchmarks keep it (docs/benchmarks.md)
     excludes_reference = getattr(benchmark, "excludes_reference", benchmark.kind == "cirr")
     out = []
     for row, qi in enumerate(indices):

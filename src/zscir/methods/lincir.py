@@ -4,7 +4,7 @@ Training, from captions alone: ``z`` = text feature of a caption; the caption's 
 ``$`` (:mod:`zscir.text.keywords`); φ maps ``z + s·u·ε`` (``u ~ U(0, 1)`` per sample, ``ε ~ N(0, I)``) to
 a token embedding that fills every ``$``; the loss is the MSE between the re-encoded masked caption and
 ``z``. Only φ trains. At test time φ maps the reference *image* feature into "a photo of $ that
-{caption}". Defaults follow the official code (``../shared/reference/methods.md`` §3): unnormalised
+{caption}". Defaults follow the official code (https://github.com/navervision/lincir; ``docs/methods.md``, LinCIR): unnormalised
 features and loss, noise scale 1, φ dropout 0.5, AdamW 1e-4 / 0.01, constant schedule; EMA of φ optional.
 """
 

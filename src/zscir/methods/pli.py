@@ -1,5 +1,5 @@
 """PLI — "Pretrain like Your Inference: Masked Tuning Improves Zero-Shot Composed Image Retrieval"
-(Chen & Lai; ``seeds/000``, ``001``; the official code is summarised in ``reference/methods.md`` §1).
+(Chen & Lai; official code https://github.com/Chen-Junyang-cn/PLI, summarised in ``docs/methods.md``, PLI).
 
 PLI fine-tunes the dual encoder itself so that its training task looks like composed retrieval. From an
 image–caption pair it builds the triplet ⟨masked image, caption, image⟩:

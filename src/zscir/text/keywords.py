@@ -1,7 +1,7 @@
 """LinCIR's self-masking of captions: keyword runs found by spaCy, replaced by the pseudo-word ``$``.
 
-Transcribed from the official loader (navervision/lincir ``loader.py``, see
-``../shared/reference/methods.md`` §3.1); every deviation is an option or is noted where it happens.
+Transcribed from the official loader (https://github.com/navervision/lincir ``loader.py``; summary in
+``docs/methods.md``, LinCIR); every deviation is an option or is noted where it happens.
 
 * :func:`clean_caption`: ``None`` → ``""``, ``<PERSON>`` → ``person``, lowercase, drop ``$``, strip, and cut
   captions longer than the text context to its first ``context_length − 2`` BPE tokens.

@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -87,6 +88,22 @@ class KeywordEntry:
         return KeywordEntry(self.captions.head(n), self.keywords.head(n))
 
 
+#: with ``n_process=0`` (auto), corpora smaller than this are parsed in this process: starting a spaCy
+#: worker (a process loading the model) costs more than it saves on a few thousand captions
+AUTO_PARALLEL_MIN = 20_000
+
+
+def spacy_processes(n_process: int, captions: int) -> int:
+    """spaCy processes for parsing ``captions`` captions: ``n_process`` if positive; 0 (auto) = every
+    core when the corpus has at least :data:`AUTO_PARALLEL_MIN` captions, else 1. Parsing is per
+    caption, so the keywords are the same whatever the count."""
+    if n_process > 0:
+        return n_process
+    if n_process < 0:
+        raise ValueError(f"keywords.n_process must be 0 (auto) or a positive count, got {n_process}")
+    return max(1, os.cpu_count() or 1) if captions >= AUTO_PARALLEL_MIN else 1
+
+
 def _digest(obj: object) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -99,7 +116,7 @@ class KeywordCache:
         cache_dir: folder for the entries; None puts each next to its file (a :class:`MemorySource`
             then needs a folder).
         batch_size: ``nlp.pipe`` batch size.
-        n_process: spaCy worker processes for building.
+        n_process: spaCy worker processes for building (0: auto, :func:`spacy_processes`).
         nlp: a loaded spaCy pipeline (default: loaded when the first entry is built).
     """
 
@@ -108,7 +125,7 @@ class KeywordCache:
         settings: KeywordSettings,
         cache_dir: str | Path | None = None,
         batch_size: int = 256,
-        n_process: int = 1,
+        n_process: int = 0,
         nlp: object | None = None,
     ):
         self.settings = settings
@@ -169,9 +186,10 @@ class KeywordCache:
         """Clean every caption of ``source`` and parse it once (``nlp.pipe`` in batches)."""
         start = time.time()
         bpe = clip_bpe(self.settings.context_length)
-        cleaned = (clean_caption(c, bpe, self.settings.context_length) for c in source.read())
+        cleaned = [clean_caption(c, bpe, self.settings.context_length) for c in source.read()]
         captions, keywords = [], []
-        docs = self.nlp.pipe(cleaned, batch_size=self.batch_size, n_process=self.n_process)
+        n_process = spacy_processes(self.n_process, len(cleaned))
+        docs = self.nlp.pipe(cleaned, batch_size=self.batch_size, n_process=n_process)
         for doc in docs:
             captions.append(doc.text)
             keywords.append(keyword_runs(doc, self.settings.pos))
@@ -180,7 +198,7 @@ class KeywordCache:
             len(captions),
             source.name,
             time.time() - start,
-            self.n_process,
+            n_process,
         )
         return KeywordEntry(StringArray.from_strings(captions), StringLists.from_lists(keywords))
 

@@ -47,9 +47,9 @@ class KeywordOptions:
     cache: bool = True
     #: folder of the keyword cache (None: next to each corpus file)
     cache_dir: str | None = None
-    #: nlp.pipe batch size and worker processes when building the cache
+    #: nlp.pipe batch size and worker processes when building the cache (0: every core for large corpora)
     batch_size: int = 256
-    n_process: int = 1
+    n_process: int = 0
 
 
 class CachedSelfMasking(Dataset):

@@ -53,9 +53,10 @@ def threads() -> int:
     return _THREADS["n"]
 
 
-def load_limit() -> float:
-    """The load average above which a run counts as contended: the cores this bench leaves free, + 0.5."""
-    return (os.cpu_count() or 1) - threads() + 0.5
+def load_limit(busy: int | None = None) -> float:
+    """The load average above which a run counts as contended: the cores this bench leaves free, + 0.5.
+    ``busy``: cores the measured code itself keeps busy (default: the pinned thread count)."""
+    return (os.cpu_count() or 1) - (threads() if busy is None else busy) + 0.5
 
 
 def load_now() -> float:
@@ -63,9 +64,14 @@ def load_now() -> float:
 
 
 def compare(
-    ours: Callable[[], object], baseline: Callable[[], object], reps: int = 5, warmup: int = 1
+    ours: Callable[[], object],
+    baseline: Callable[[], object],
+    reps: int = 5,
+    warmup: int = 1,
+    busy: int | None = None,
 ) -> dict:
-    """Time both sides in alternating, order-swapped rounds.
+    """Time both sides in alternating, order-swapped rounds. ``busy``: cores the measured code keeps
+    busy itself (e.g. threads + a loader worker), for the load check.
 
     Returns:
         ``{"ours": {median, min, max}, "baseline": {...}, "load": [before, after], "contended": bool,
@@ -86,7 +92,7 @@ def compare(
     return {
         **{name: spread(t) for name, t in times.items()},
         "load": [round(load_before, 2), round(load_after, 2)],
-        "contended": max(load_before, load_after) > load_limit(),
+        "contended": max(load_before, load_after) > load_limit(busy),
         "threads": threads(),
         "reps": reps,
     }

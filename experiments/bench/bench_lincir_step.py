@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import zscir.backbones.open_clip_encoder as oc
-from experiments.bench.common import compare, timed_row
+from experiments.bench.common import TINY77, compare, timed_row
 from zscir.data.synthetic import world
 from zscir.data.text_corpora import MemorySource
 from zscir.methods import build_method
@@ -42,15 +42,7 @@ from zscir.text.keywords import keyword_runs
 from zscir.text.nlp import load_spacy
 from zscir.text.placeholder import isolate
 
-#: the tiny CLIP with the full 77-token text context of every CLIP (the registered "tiny" has 32)
-oc.TINY_ARCHITECTURES.setdefault(
-    "tiny77",
-    {
-        **oc.TINY_ARCHITECTURES["tiny"],
-        "text_cfg": {**oc.TINY_ARCHITECTURES["tiny"]["text_cfg"], "context_length": 77},
-    },
-)
-BACKBONE = {"kind": "open_clip", "model": "tiny77"}
+BACKBONE = TINY77
 PLACEHOLDER_ID = 259  # "$</w>" in the CLIP BPE (the official code maps its added "[$]" token to it)
 
 

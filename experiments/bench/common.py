@@ -36,6 +36,22 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _register_tiny77() -> dict:
+    """The tiny CLIP with the 77-token text context every real CLIP has (zscir's ``tiny`` has 32), for
+    rows where the peer runs the full context."""
+    import zscir.backbones.open_clip_encoder as oc
+
+    tiny = oc.TINY_ARCHITECTURES["tiny"]
+    oc.TINY_ARCHITECTURES.setdefault(
+        "tiny77", {**tiny, "text_cfg": {**tiny["text_cfg"], "context_length": 77}}
+    )
+    return {"kind": "open_clip", "model": "tiny77"}
+
+
+#: backbone config of the 77-token tiny CLIP
+TINY77 = _register_tiny77()
 #: threads the bench runs under (set by :func:`pin_threads`)
 _THREADS = {"n": torch.get_num_threads()}
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

@@ -22,6 +22,7 @@ meaningless.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -29,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,23 @@ def pin_threads(n: int) -> None:
     for var in _THREAD_VARS:
         os.environ[var] = str(n)
     _THREADS["n"] = n
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int) -> Iterator[None]:
+    """:func:`pin_threads` for a block; the previous thread count and variables come back after it."""
+    previous, env = torch.get_num_threads(), {v: os.environ.get(v) for v in _THREAD_VARS}
+    pin_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+        _THREADS["n"] = previous
+        for var, value in env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def threads() -> int:

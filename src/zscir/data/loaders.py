@@ -53,6 +53,10 @@ class DataConfig:
     streaming: bool = False
     #: text, streaming: samples held in the shuffle buffer (0: file order)
     shuffle_buffer: int = 10_000
+    #: text, in memory: group captions of similar length into batches, sorting windows of this many
+    #: batches by caption length (``zscir.data.samplers``; 0: off). The text tower then runs over
+    #: similar lengths instead of the longest caption of a random batch; each sample's loss is unchanged.
+    length_buckets: int = 0
 
 
 class TextSamples(Protocol):
@@ -90,12 +94,21 @@ def build_train_loader(
         raise ValueError(
             f"{cfg.path}: {len(dataset)} samples is less than one batch of {cfg.batch_size} with drop_last=true"
         )
+    lengths = None
+    if cfg.length_buckets > 0:
+        if not hasattr(dataset, "lengths"):
+            raise ValueError(
+                f"data.length_buckets needs a text corpus; {type(dataset).__name__} has no lengths"
+            )
+        lengths = dataset.lengths()
     return ResumableDataLoader(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=cfg.shuffle,
         seed=seed,
         drop_last=cfg.drop_last,
+        lengths=lengths,
+        bucket_batches=cfg.length_buckets,
         num_workers=cfg.num_workers,
         collate_fn=collate,
         persistent_workers=cfg.num_workers > 0,

@@ -17,6 +17,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -61,6 +62,10 @@ class CachedSelfMasking(Dataset):
     def __len__(self) -> int:
         return len(self.entry)
 
+    def lengths(self) -> np.ndarray:
+        """[N] byte length of every cleaned caption (for length buckets)."""
+        return self.entry.captions.lengths()
+
     def __getitem__(self, i: int) -> dict:
         caption = self.entry.captions[i]
         masked = mask_keywords(caption, self.entry.keywords[i], random, self.whole_word)
@@ -77,6 +82,10 @@ class ParsingSelfMasking(Dataset):
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def lengths(self) -> np.ndarray:
+        """[N] byte length of every raw caption (for length buckets)."""
+        return self.captions.lengths()
 
     def __getitem__(self, i: int) -> dict:
         return {"index": i, **parse_and_mask(self.captions[i], self.settings, self._bpe, self.whole_word)}

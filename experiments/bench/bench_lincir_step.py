@@ -12,10 +12,11 @@ Rows:
   one core to spare; ``train_phi.py:239-241`` the text tower over all 77 positions). The official code
   tokenises with the HF CLIP tokenizer and an added ``[$]`` token mapped to id 259; here the same CLIP
   BPE (open_clip's) with every ``$`` kept a token of its own — the same ids. Ours: the keyword cache
-  (parsed once, ``cache_build_s`` beside the row), in-process loading, the text tower over the batch's
-  own length (positions after the last end-of-text token never reach the output).
+  (parsed once, ``cache_build_s`` beside the row), in-process loading, batches of similar caption length
+  (``data.length_buckets=64``), the text tower over the batch's own length (positions after the last
+  end-of-text token never reach the output).
 * ``lincir_step``: vs zscir's own ``keywords.cache=false`` path (spaCy in the loader, in-process,
-  zscir's pipeline) — the cache alone.
+  zscir's pipeline, random batches) — the cache and the length buckets.
 
 Equality: the keywords of every caption (official full pipeline vs the cache) are compared in full,
 and one batch's loss, with φ's dropout and noise off, is compared between the 77-token and the trimmed
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import zscir.backbones.open_clip_encoder as oc
 from experiments.bench.common import TINY77, compare, timed_row
+from zscir.data.samplers import bucket_by_length
 from zscir.data.synthetic import world
 from zscir.data.text_corpora import MemorySource
 from zscir.methods import build_method
@@ -159,7 +161,7 @@ def run(batch: int = 128, captions: int = 4096, steps: int = 8, reps: int = 5) -
 
         optimizers = {k: torch.optim.AdamW(v.phi.parameters(), lr=1e-4) for k, v in methods.items()}
         peer_opt = torch.optim.AdamW(peer_method.phi.parameters(), lr=1e-4)
-        ours_iter = _endless_steps(methods[True], datasets[True], batch, optimizers[True])
+        ours_iter = _endless_steps(methods[True], datasets[True], batch, optimizers[True], buckets=64)
         own_iter = _endless_steps(methods[False], datasets[False], batch, optimizers[False])
 
         def peer() -> None:
@@ -209,9 +211,13 @@ def run(batch: int = 128, captions: int = 4096, steps: int = 8, reps: int = 5) -
     }
 
 
-def _endless_steps(method, dataset, batch: int, optimizer) -> Iterator[None]:
-    """An endless iterator whose ``next`` loads one batch in-process and runs one training step."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+def _endless_steps(method, dataset, batch: int, optimizer, buckets: int = 0) -> Iterator[None]:
+    """An endless iterator whose ``next`` loads one batch in-process and runs one training step;
+    ``buckets`` > 0: batches of similar caption length, as ``data.length_buckets`` makes them."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    if buckets:
+        order = bucket_by_length(order, torch.as_tensor(dataset.lengths()), batch, buckets, seed=0)
+    order = order.tolist()
     while True:
         for i in range(0, len(order) - batch + 1, batch):
             items = method.text_samples.collate([dataset[j] for j in order[i : i + batch]])

@@ -3,7 +3,6 @@ another's build says so, and the number of spaCy processes defaults to what the 
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import logging
 import os
@@ -11,7 +10,7 @@ import os
 import pytest
 
 from zscir.data import keyword_cache
-from zscir.data.keyword_cache import KeywordCache, KeywordSettings, default_n_process
+from zscir.data.keyword_cache import KeywordCache, KeywordSettings, spacy_processes
 from zscir.data.text_corpora import MemorySource, expand_text_sources
 from zscir.text.nlp import load_spacy
 
@@ -70,20 +69,16 @@ def test_an_unlocked_entry_is_built_without_a_waiting_message(tmp_path, nlp, cap
     assert not any("waiting for" in r.getMessage() for r in caplog.records)
 
 
-def test_n_process_defaults_to_one_for_small_corpora_and_several_for_large_ones(tmp_path, monkeypatch):
-    small = tmp_path / "small.txt"
-    small.write_text("a red dog\n")
-    large = tmp_path / "large.txt"
-    with large.open("wb") as f:  # sparse: 9 MiB of captions without writing them
-        f.truncate(9 << 20)
-    assert default_n_process(MemorySource(["a red dog"])) == 1
-    assert default_n_process(expand_text_sources(small)[0]) == 1
-    for cpus, expected in ((1, 1), (2, 1), (6, 3), (32, 4)):
+def test_n_process_defaults_to_one_for_small_corpora_and_several_for_large_ones(monkeypatch):
+    big = keyword_cache.AUTO_PARALLEL_MIN
+    assert spacy_processes(0, 10) == 1
+    assert spacy_processes(0, big - 1) == 1
+    for cpus, expected in ((1, 1), (2, 2), (6, 4), (32, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
-        assert default_n_process(expand_text_sources(large)[0]) == expected
-        limited = dataclasses.replace(expand_text_sources(large)[0], limit=1000)  # data.max_samples
-        assert default_n_process(limited) == 1
-    assert keyword_cache.PARALLEL_MIN_BYTES < 9 << 20
+        assert spacy_processes(0, big) == expected
+    assert spacy_processes(3, 10) == 3  # an explicit count is kept
+    with pytest.raises(ValueError, match="n_process"):
+        spacy_processes(-1, 10)
 
 
 def test_the_cache_uses_the_default_unless_n_process_is_set(tmp_path, nlp):

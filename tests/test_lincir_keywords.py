@@ -179,3 +179,51 @@ def test_a_placeholder_cut_off_by_truncation_falls_back_to_a_photo_of():
     assert fell_back.tolist() == [True, False]
     assert ids[0].tolist() == bpe([FALLBACK_PROMPT.replace("$", " $ ")])[0].tolist()
     assert (ids[0] == PLACEHOLDER_ID).sum() == 1
+
+
+#: captions whose parts of speech depend on the dependency parse: en_core_web_sm's attribute_ruler maps
+#: tags to POS with DEP conditions (a DT that is not a determiner -> PRON, an auxiliary -> AUX/VERB)
+PARSE_DEPENDENT = [
+    "this is a red car",
+    "there is a cat on the mat",
+    "the man does his homework",
+    "a dog that is running on the beach",
+    "which one is better, the blue or the green one?",
+]
+
+
+def test_loaded_pipeline_tags_like_the_full_official_pipeline(nlp):
+    """The pipeline zscir loads (components POS does not need switched off) gives every token the POS
+    the full ``en_core_web_sm`` gives (the official loader runs all of it). The parser must stay: without
+    it, "this is a red car" tags "this" DET (a keyword) instead of PRON."""
+    from zscir.data.synthetic import world
+
+    full = load_spacy(None, disable=())  # every component, as the official loader runs it
+    rng = random.Random(0)
+    sample = PARSE_DEPENDENT + [world.caption(world.sample_scene(rng), rng) for _ in range(40)]
+    for caption in sample:
+        assert [t.pos_ for t in nlp(caption)] == [t.pos_ for t in full(caption)], caption
+    with full.select_pipes(disable=["parser"]):
+        assert full("this is a red car")[0].pos_ == "DET"
+    assert nlp("this is a red car")[0].pos_ == "PRON"
+
+
+def test_parallel_cache_build_gives_the_same_keywords(tmp_path):
+    from zscir.data.keyword_cache import KeywordCache, KeywordSettings, spacy_processes
+    from zscir.data.text_corpora import MemorySource
+    from zscir.text.keywords import KEYWORD_POS
+
+    captions = PARSE_DEPENDENT * 20
+    entries = [
+        KeywordCache(KeywordSettings(77, KEYWORD_POS), tmp_path / str(n), n_process=n).build(
+            MemorySource(captions, "t")
+        )
+        for n in (1, 2)
+    ]
+    assert [entries[0].keywords[i] for i in range(len(captions))] == [
+        entries[1].keywords[i] for i in range(len(captions))
+    ]
+    assert spacy_processes(0, 10) == 1
+    assert spacy_processes(3, 10) == 3
+    with pytest.raises(ValueError, match="n_process"):
+        spacy_processes(-1, 10)

@@ -161,3 +161,46 @@ def test_rank_candidates_keeps_the_global_order_and_pads():
     cand = torch.tensor([[3, 2, 1, 4], [4, 0, -1, -1]])
     out = rank_candidates(q, g, cand, 3)
     assert out.tolist() == [[1, 2, 3], [0, 4, -1]]  # row 1: all tied, by gallery index; one pad left
+
+
+def test_prepared_gallery_ranks_exactly_like_raw_features():
+    """A gallery prepared once (normalised, duplicates indexed) gives every ranking bit for bit what the
+    raw features give, ties included."""
+    from zscir.retrieval.search import prepare_gallery
+
+    torch.manual_seed(5)
+    q, g = torch.randn(9, 8), torch.randn(30, 8)
+    g[4] = g[21]
+    q[2] = g[21]
+    prepared = prepare_gallery(g)
+    target = torch.randint(0, 30, (9,))
+    subset = torch.stack([torch.randperm(30)[:4] for _ in range(9)])
+    subset[:, 0] = target
+    ex = (target + 1) % 30
+    for budget in (8, 10_000):
+        assert torch.equal(topk_search(q, prepared, 7, ex, budget)[0], topk_search(q, g, 7, ex, budget)[0])
+        assert torch.equal(
+            target_ranks(q, prepared, target, ex, budget=budget), target_ranks(q, g, target, ex)
+        )
+    assert torch.equal(rank_candidates(q, prepared, subset, 3), rank_candidates(q, g, subset, 3))
+    assert cirr_metrics(q, prepared, target, ex, subset) == cirr_metrics(q, g, target, ex, subset)
+    assert topk_search(q, prepared, 3)[0][2, :2].tolist() == [4, 21]  # the tie, in gallery order
+
+
+def test_cirr_metrics_computes_the_similarity_matrix_once(monkeypatch):
+    """Recall and subset recall come from one pass over the similarity chunks, not two."""
+    import zscir.retrieval.search as search
+
+    calls = []
+    real = search.similarity_chunks
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "similarity_chunks", counting)
+    g = torch.eye(4)
+    q = torch.tensor([[0.9, 0.8, 0.7, 0.0]])
+    m = cirr_metrics(q, g, torch.tensor([2]), torch.tensor([0]), torch.tensor([[3, 2]]))
+    assert (m["recall@1"], m["recall@5"], m["recall_subset@1"]) == (0.0, 100.0, 100.0)
+    assert len(calls) == 1

@@ -37,7 +37,7 @@ from zscir.benchmarks.base import (
 )
 from zscir.benchmarks.submissions import validate_cirr
 from zscir.metrics.functional import cirr_metrics
-from zscir.retrieval.search import rank_candidates, topk_search
+from zscir.retrieval.search import prepare_gallery, rank_candidates, topk_search
 
 OBTAIN = (
     "CIRR annotations: https://github.com/Cuberick-Orion/CIRR (branch cirr_dataset: captions/, "
@@ -170,6 +170,7 @@ class CIRR(Benchmark):
         ``cirr_<split>_recall_subset.json`` (top-3 of the subset), validated; ``cirr_<split>_pli_...``
         under ``protocol="pli"``."""
         reference, subset = self._indices()
+        gallery_feats = prepare_gallery(gallery_feats)  # normalised and indexed once for both rankings
         top, _ = topk_search(query_feats, gallery_feats, 50, exclude=reference)
         names = [r.image_id for r in self.gallery]
         recall: dict[str, object] = {"version": "rc2", "metric": "recall"}

@@ -39,26 +39,6 @@ log = logging.getLogger(__name__)
 #: bump when the entry layout or the cleaning/keyword rules change: every entry is then rebuilt
 CACHE_VERSION = 1
 SUFFIX = ".zscir-keywords.npz"
-#: below this many bytes of captions (~100k captions) one spaCy process beats starting several
-PARALLEL_MIN_BYTES = 8 << 20
-
-
-def default_n_process(source: CaptionSource | MemorySource) -> int:
-    """spaCy processes for building ``source``'s entry when none is configured: 1 for a small source
-    (held in memory, a file under :data:`PARALLEL_MIN_BYTES`, or a ``limit`` under ~100k captions), where
-    loading the model in each worker costs more than it saves; else half the usable CPUs, at most 4
-    (parsing with ``en_core_web_sm`` scales sub-linearly, and the data loader needs CPUs too)."""
-    path = getattr(source, "path", None)
-    small = (
-        path is None
-        or (source.limit is not None and source.limit < 100_000)
-        or not Path(path).is_file()
-        or Path(path).stat().st_size < PARALLEL_MIN_BYTES
-    )
-    if small:
-        return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cpus // 2))
 
 
 @dataclass(frozen=True)
@@ -109,6 +89,32 @@ class KeywordEntry:
         return KeywordEntry(self.captions.head(n), self.keywords.head(n))
 
 
+#: with ``n_process=0`` (auto), corpora smaller than this are parsed in this process: starting a spaCy
+#: worker (a process loading the model) costs more than it saves on a few thousand captions
+AUTO_PARALLEL_MIN = 20_000
+#: the most spaCy processes ``n_process=0`` starts
+AUTO_MAX_PROCESSES = 4
+
+
+def spacy_processes(n_process: int, captions: int) -> int:
+    """spaCy processes for parsing ``captions`` captions: ``n_process`` if positive; 0 (auto) = the usable
+    CPUs, at most :data:`AUTO_MAX_PROCESSES`, when the corpus has at least :data:`AUTO_PARALLEL_MIN`
+    captions, else 1 (each worker loads the model; parsing scales sub-linearly). Parsing is per caption,
+    so the keywords are the same whatever the count.
+
+    Raises:
+        ValueError: ``n_process`` is negative.
+    """
+    if n_process > 0:
+        return n_process
+    if n_process < 0:
+        raise ValueError(f"keywords.n_process must be 0 (auto) or a positive count, got {n_process}")
+    if captions < AUTO_PARALLEL_MIN:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(AUTO_MAX_PROCESSES, cpus))
+
+
 def _digest(obj: object) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -121,7 +127,7 @@ class KeywordCache:
         cache_dir: folder for the entries; None puts each next to its file (a :class:`MemorySource`
             then needs a folder).
         batch_size: ``nlp.pipe`` batch size.
-        n_process: spaCy worker processes for building (None: :func:`default_n_process` per source).
+        n_process: spaCy worker processes for building (0: auto, :func:`spacy_processes`).
         nlp: a loaded spaCy pipeline (default: loaded when the first entry is built).
     """
 
@@ -130,7 +136,7 @@ class KeywordCache:
         settings: KeywordSettings,
         cache_dir: str | Path | None = None,
         batch_size: int = 256,
-        n_process: int | None = None,
+        n_process: int = 0,
         nlp: object | None = None,
     ):
         self.settings = settings
@@ -191,13 +197,14 @@ class KeywordCache:
         """Clean every caption of ``source`` and parse it once (``nlp.pipe`` in batches), with a progress
         bar (captions; with a total when it is known beforehand)."""
         start = time.time()
-        n_process = self.n_process or default_n_process(source)
         bpe = clip_bpe(self.settings.context_length)
-        cleaned = (clean_caption(c, bpe, self.settings.context_length) for c in source.read())
+        cleaned = [clean_caption(c, bpe, self.settings.context_length) for c in source.read()]
         captions, keywords = [], []
+        n_process = spacy_processes(self.n_process, len(cleaned))
         docs = self.nlp.pipe(cleaned, batch_size=self.batch_size, n_process=n_process)
-        total = len(source.captions) if isinstance(source, MemorySource) else source.limit  # else unknown
-        for doc in tqdm(docs, desc=f"keywords {source.name}", unit=" captions", total=total, mininterval=5):
+        for doc in tqdm(
+            docs, desc=f"keywords {source.name}", unit=" captions", total=len(cleaned), mininterval=5
+        ):
             captions.append(doc.text)
             keywords.append(keyword_runs(doc, self.settings.pos))
         log.info(

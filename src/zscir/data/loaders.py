@@ -58,6 +58,10 @@ class DataConfig:
     #: place of the encoder's evaluation resize + centre crop (e.g. [0.9, 1.0], open_clip's and Pic2Word's
     #: training crop); None: the evaluation transform
     random_crop_scale: list[float] | None = None
+    #: text, in memory: group captions of similar length into batches, sorting windows of this many
+    #: batches by caption length (``zscir.data.samplers``; 0: off). The text tower then runs over
+    #: similar lengths instead of the longest caption of a random batch; each sample's loss is unchanged.
+    length_buckets: int = 0
 
 
 class TrainingSamples(Protocol):
@@ -117,12 +121,21 @@ def build_train_loader(
         raise ValueError(
             f"{cfg.path}: {len(dataset)} samples is less than one batch of {cfg.batch_size} with drop_last=true"
         )
+    lengths = None
+    if cfg.length_buckets > 0:
+        if not hasattr(dataset, "lengths"):
+            raise ValueError(
+                f"data.length_buckets needs a text corpus; {type(dataset).__name__} has no lengths"
+            )
+        lengths = dataset.lengths()
     return ResumableDataLoader(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=cfg.shuffle,
         seed=seed,
         drop_last=cfg.drop_last,
+        lengths=lengths,
+        bucket_batches=cfg.length_buckets,
         num_workers=cfg.num_workers,
         collate_fn=collate,
         persistent_workers=cfg.num_workers > 0,

@@ -17,6 +17,14 @@ epoch 0's order; and neither knows how many batches of the interrupted epoch wer
 * iteration starts lazily, at the first ``next()``: by then Lightning has called ``set_epoch``, so even
   with worker processes (which prefetch indices when the iterator is created) the epoch is right.
 
+Length buckets (``lengths`` + ``bucket_batches``, for text corpora): each window of ``bucket_batches``
+global batches of the epoch's permutation is sorted by sample length and cut into batches, which are
+visited in a random order drawn from (seed, epoch); a trailing partial batch stays last. A text tower
+that runs over the batch's longest caption then runs over similar lengths, instead of one long caption
+setting the width of a batch of short ones. Every sample is still visited once per epoch and each
+sample's loss is unchanged; only which samples share a batch changes. The buckets are formed from global
+batches before the split over ranks, so the equivalence above still holds.
+
 Worker processes are seeded per epoch from (seed, epoch); random augmentations inside workers are
 therefore reproducible per epoch, but after a mid-epoch resume they restart that epoch's worker streams.
 zscir's training transforms are deterministic, so this does not affect its runs.
@@ -24,11 +32,12 @@ zscir's training transforms are deterministic, so this does not affect its runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -47,8 +56,20 @@ class ResumableSampler(DistributedSampler):
     Lightning creates the group).
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+        bucket_batches: int = 0,
+    ):
         self.size, self.shuffle, self.seed = int(size), bool(shuffle), int(seed)
+        if lengths is not None and len(lengths) != self.size:
+            raise ValueError(f"{len(lengths)} lengths for {self.size} samples")
+        self.lengths = None if lengths is None or bucket_batches <= 0 else torch.as_tensor(lengths)
+        self.batch_size, self.bucket_batches = int(batch_size), int(bucket_batches)
         self.epoch = 0
         #: (epoch, n): skip the first n samples of this rank's share when ``epoch`` is next iterated
         self.resume_at: tuple[int, int] | None = None
@@ -64,7 +85,12 @@ class ResumableSampler(DistributedSampler):
         else:
             order = torch.arange(self.size)
         usable = self.size - self.size % world  # every rank gets the same count; no sample twice
-        return order[:usable][rank::world].tolist()
+        order = order[:usable]
+        if self.lengths is not None:
+            order = bucket_by_length(
+                order, self.lengths, self.batch_size * world, self.bucket_batches, self.seed + epoch
+            )
+        return order[rank::world].tolist()
 
     def skipped(self) -> int:
         """How many samples the next iteration skips (non-zero only when resuming that epoch)."""
@@ -78,8 +104,26 @@ class ResumableSampler(DistributedSampler):
         return self.size // _world()[1]
 
 
+def bucket_by_length(order: Tensor, lengths: Tensor, batch: int, window_batches: int, seed: int) -> Tensor:
+    """``order`` [n] regrouped so that each batch of ``batch`` consecutive entries holds samples of similar
+    ``lengths`` (indexed by sample): every window of ``window_batches`` full batches is sorted by length
+    (stable), cut into batches, and its batches are put in a random order drawn from ``seed``. Entries
+    after the last full batch stay last, in their order. Returns a permutation of ``order``."""
+    n_full = len(order) // batch * batch
+    gen = torch.Generator().manual_seed(seed)
+    window = batch * max(1, window_batches)
+    parts = []
+    for start in range(0, n_full, window):
+        w = order[start : min(start + window, n_full)]
+        w = w[torch.argsort(lengths[w], stable=True)].view(-1, batch)
+        parts.append(w[torch.randperm(len(w), generator=gen)].flatten())
+    parts.append(order[n_full:])
+    return torch.cat(parts)
+
+
 class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` over a :class:`ResumableSampler` that resumes exactly where a checkpoint left it."""
+    """A ``DataLoader`` over a :class:`ResumableSampler` that resumes exactly where a checkpoint left it;
+    ``lengths`` (one per sample) with ``bucket_batches`` > 0 turns on length buckets (module docstring)."""
 
     def __init__(
         self,
@@ -89,13 +133,16 @@ class ResumableDataLoader(DataLoader):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = True,
+        lengths: Sequence[int] | None = None,
+        bucket_batches: int = 0,
         **kwargs: Any,
     ):
         self.seed = int(seed)
+        sampler = ResumableSampler(len(dataset), shuffle, seed, lengths, batch_size, bucket_batches)
         super().__init__(
             dataset,
             batch_size=batch_size,
-            sampler=ResumableSampler(len(dataset), shuffle=shuffle, seed=seed),
+            sampler=sampler,
             drop_last=drop_last,
             generator=torch.Generator(),
             **kwargs,

@@ -17,6 +17,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -47,10 +48,9 @@ class KeywordOptions:
     cache: bool = True
     #: folder of the keyword cache (None: next to each corpus file)
     cache_dir: str | None = None
-    #: nlp.pipe batch size and worker processes when building the cache (None: 1 for a small corpus file,
-    #: else up to 4; see zscir.data.keyword_cache.default_n_process)
+    #: nlp.pipe batch size and worker processes when building the cache (0: every core for large corpora)
     batch_size: int = 256
-    n_process: int | None = None
+    n_process: int = 0
 
 
 class CachedSelfMasking(Dataset):
@@ -61,6 +61,10 @@ class CachedSelfMasking(Dataset):
 
     def __len__(self) -> int:
         return len(self.entry)
+
+    def lengths(self) -> np.ndarray:
+        """[N] byte length of every cleaned caption (for length buckets)."""
+        return self.entry.captions.lengths()
 
     def __getitem__(self, i: int) -> dict:
         caption = self.entry.captions[i]
@@ -78,6 +82,10 @@ class ParsingSelfMasking(Dataset):
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def lengths(self) -> np.ndarray:
+        """[N] byte length of every raw caption (for length buckets)."""
+        return self.captions.lengths()
 
     def __getitem__(self, i: int) -> dict:
         return {"index": i, **parse_and_mask(self.captions[i], self.settings, self._bpe, self.whole_word)}

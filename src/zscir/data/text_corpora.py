@@ -234,6 +234,10 @@ class StringArray:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def lengths(self) -> np.ndarray:
+        """[N] byte length of every string (no decoding)."""
+        return np.diff(self.offsets)
+
     def __getitem__(self, i: int) -> str:
         if not -len(self) <= i < len(self):
             raise IndexError(i)

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from zscir.retrieval.search import check_finite, normalize, target_ranks, topk_search
+from zscir.retrieval.search import (
+    PreparedGallery,
+    check_finite,
+    normalize,
+    target_ranks,
+    target_ranks_many,
+    topk_search,
+)
 
 
 def recall_from_ranks(ranks: Tensor, ks: Sequence[int], prefix: str = "recall") -> dict[str, float]:
@@ -68,11 +75,19 @@ def fashioniq_recall_without_reference(
 
 
 def cirr_metrics(
-    query_feats: Tensor, gallery_feats: Tensor, target: Tensor, reference: Tensor, subset: Tensor
+    query_feats: Tensor,
+    gallery_feats: Tensor | PreparedGallery,
+    target: Tensor,
+    reference: Tensor,
+    subset: Tensor,
 ) -> dict[str, float]:
     """CIRR recall@{1,5,10,50} and recall_subset@{1,2,3}.
 
+    Both rankings come from one pass over the similarity matrix.
+
     Args:
+        query_feats: [Q, D]; gallery_feats: [N, D] or a prepared gallery
+            (:func:`zscir.retrieval.search.prepare_gallery`).
         target: [Q] gallery index of ``target_hard``.
         reference: [Q] gallery index of the reference image, deleted from the ranking.
         subset: [Q, S] gallery indices of ``img_set.members`` minus the reference (-1 pads shorter rows);
@@ -85,8 +100,9 @@ def cirr_metrics(
         >>> m["recall@1"], m["recall@5"], m["recall_subset@1"]
         (0.0, 100.0, 100.0)
     """
-    ranks = target_ranks(query_feats, gallery_feats, target, exclude=reference)
-    sub_ranks = target_ranks(query_feats, gallery_feats, target, candidates=subset)
+    ranks, sub_ranks = target_ranks_many(
+        query_feats, gallery_feats, target, [(reference, None), (None, subset)]
+    )
     return {
         **recall_from_ranks(ranks, (1, 5, 10, 50)),
         **recall_from_ranks(sub_ranks, (1, 2, 3), "recall_subset"),

@@ -149,3 +149,32 @@ def test_named_weights_offline_fail_with_a_clear_message(monkeypatch, tmp_path, 
 def test_missing_local_checkpoint_is_named(tmp_path):
     with pytest.raises(BackboneLoadError, match="does not exist"):
         build_encoder(kind="open_clip", model="tiny", checkpoint=str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "model", "option", "hint"),
+    [
+        ("hf_clip", "tiny", {"quick_gelu": True}, "hidden_act"),
+        ("hf_clip", "tiny", {"pretrained": "openai"}, "backbone.model"),
+        ("open_clip", "tiny", {"caption_preprocess": "blip_caption"}, "which takes context_length"),
+    ],
+)
+def test_an_option_the_kind_does_not_take_is_refused_by_name(kind, model, option, hint):
+    # before the builders were a registry, an HF kind silently ignored `pretrained`
+    with pytest.raises(BackboneLoadError, match=f"{next(iter(option))} do not apply to kind={kind}") as err:
+        build_encoder(kind, model, **option)
+    assert hint in str(err.value)
+
+
+def test_every_backbone_config_names_a_registered_kind():
+    from omegaconf import OmegaConf
+
+    from zscir.backbones import BACKBONES, backbone_builder
+    from zscir.cli.config import CONF_DIR
+
+    files = sorted((CONF_DIR / "backbone").glob("*.yaml"))
+    assert files
+    for file in files:
+        assert OmegaConf.load(file).kind in BACKBONES, file.name
+    with pytest.raises(BackboneLoadError, match="unknown backbone kind 'clip'"):
+        backbone_builder("clip")

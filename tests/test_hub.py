@@ -117,7 +117,7 @@ def test_the_fingerprint_includes_a_given_revision_only():
 
 
 def test_revision_is_refused_where_it_cannot_apply():
-    with pytest.raises(BackboneLoadError, match="revision applies to the Hugging Face kinds"):
+    with pytest.raises(BackboneLoadError, match=r"revision do not apply to kind=open_clip.*hf download"):
         build_encoder("open_clip", "tiny", revision="v1")
 
 

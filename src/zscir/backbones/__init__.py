@@ -6,17 +6,22 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from zscir.backbones.base import PLACEHOLDER, Encoder, random_keep
 from zscir.backbones.errors import BackboneLoadError, missing_checkpoint_message
 
 __all__ = [
+    "BACKBONES",
     "PLACEHOLDER",
     "BackboneLoadError",
     "Encoder",
+    "backbone_builder",
     "backbone_fingerprint",
     "build_encoder",
     "random_keep",
@@ -26,6 +31,38 @@ __all__ = [
 _APP_KEYS = ("name", "train_recipe")
 
 
+#: backbone ``kind`` -> its builder (``module:function``, imported on first use, so a kind's libraries load
+#: only when it is used). Every builder takes ``(model, checkpoint=, init_seed=, cache_dir=, **options)``.
+BACKBONES: dict[str, str] = {
+    "open_clip": "zscir.backbones.open_clip_encoder:build_open_clip",
+    "hf_clip": "zscir.backbones.hf_clip_encoder:build_hf_clip",
+    "hf_blip": "zscir.backbones.hf_blip_encoder:build_hf_blip",
+    "lavis_blip": "zscir.backbones.lavis_blip_encoder:build_lavis_blip",
+}
+
+#: why an option does not apply to a kind, and what to do instead (appended to the error)
+_OPTION_HINTS = {
+    "revision": "pin an open_clip hub model by downloading that revision (hf download <repo> --revision <rev> "
+    "--local-dir <dir>) and passing backbone.model=local-dir:<dir>",
+    "quick_gelu": "a Hugging Face or LAVIS model takes its activation from its config (hidden_act): leave "
+    "backbone.quick_gelu unset",
+    "pretrained": "Hugging Face kinds load the weights named by backbone.model (hub name or directory); "
+    "LAVIS weights come from backbone.checkpoint",
+}
+
+
+def backbone_builder(kind: str) -> Callable[..., Encoder]:
+    """The builder function of backbone ``kind`` (see :data:`BACKBONES`).
+
+    Raises:
+        BackboneLoadError: ``kind`` is not registered.
+    """
+    if kind not in BACKBONES:
+        raise BackboneLoadError(f"unknown backbone kind {kind!r}; expected one of: {', '.join(BACKBONES)}")
+    module, function = BACKBONES[kind].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def build_encoder(
     kind: str,
     model: str,
@@ -33,78 +70,45 @@ def build_encoder(
     checkpoint: str | None = None,
     init_seed: int = 0,
     cache_dir: str | None = None,
-    **extra: object,
+    **options: object,
 ) -> Encoder:
-    """Build an encoder from a backbone config.
+    """Build an encoder from a backbone config: the builder :data:`BACKBONES` registers for ``kind``.
 
     Args:
         kind: ``open_clip``, ``hf_clip``, ``hf_blip`` or ``lavis_blip``.
         model: architecture name (open_clip, ``lavis_blip``: ``base``), hub name or local directory (HF),
             or ``tiny``.
-        pretrained: open_clip pretrained tag or weights file (ignored by HF kinds).
+        pretrained: open_clip pretrained tag or weights file (open_clip only).
         checkpoint: a state dict file loaded on top of the model (e.g. a zscir-trained backbone); for
             ``lavis_blip``, the LAVIS weights file.
         init_seed: seed for random-init weights, so rebuilding gives identical parameters.
         cache_dir: weights cache folder.
-        extra: kind-specific options: ``quick_gelu`` (open_clip: the activation the weights were trained
-            with, see :func:`~zscir.backbones.open_clip_encoder.build_open_clip`), ``context_length``,
-            ``revision`` (hf_clip, hf_blip: the hub revision — branch, tag or commit — of ``model``).
+        options: the kind's own options, the keyword arguments of its builder: ``quick_gelu``
+            (open_clip: the activation the weights were trained with, see
+            :func:`~zscir.backbones.open_clip_encoder.build_open_clip`), ``context_length``, ``revision``
+            (hf_clip, hf_blip: the hub revision — branch, tag or commit — of ``model``), the BLIP text and
+            image options. ``None`` means the kind's default.
 
     Raises:
-        BackboneLoadError: unknown kind, missing checkpoint, weights that cannot be loaded, or
-            ``quick_gelu`` set for a Hugging Face model (those read the activation from their config).
+        BackboneLoadError: unknown kind, missing checkpoint, an option the kind does not take (e.g.
+            ``quick_gelu`` for a Hugging Face model, ``revision`` for open_clip), or weights that cannot
+            be loaded.
     """
     for key in _APP_KEYS:
-        extra.pop(key, None)
-    extra = {k: v for k, v in extra.items() if v is not None}  # None: the kind's default
+        options.pop(key, None)
+    options = {k: v for k, v in {"pretrained": pretrained, **options}.items() if v is not None}
+    builder = backbone_builder(kind)
     if checkpoint and not Path(checkpoint).expanduser().is_file():
         raise BackboneLoadError(missing_checkpoint_message(kind, checkpoint))
-    revision = extra.pop("revision", None)
-    if revision is not None and kind not in ("hf_clip", "hf_blip"):
+    takes = set(inspect.signature(builder).parameters) - {"model", "checkpoint", "init_seed", "cache_dir"}
+    foreign = sorted(set(options) - takes)
+    if foreign:
+        hints = "; ".join(_OPTION_HINTS[k] for k in foreign if k in _OPTION_HINTS)
         raise BackboneLoadError(
-            f"backbone.revision applies to the Hugging Face kinds (hf_clip, hf_blip), not {kind}: pin an "
-            "open_clip hub model by downloading that revision (hf download <repo> --revision <rev> --local-dir "
-            "<dir>) and passing backbone.model=local-dir:<dir>"
+            f"backbone option(s) {', '.join(foreign)} do not apply to kind={kind}, which takes "
+            f"{', '.join(sorted(takes)) or 'no options'}" + (f": {hints}" if hints else "")
         )
-    if kind == "open_clip":
-        from zscir.backbones.open_clip_encoder import build_open_clip
-
-        return build_open_clip(
-            model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            init_seed=init_seed,
-            cache_dir=cache_dir,
-            **extra,
-        )
-    if extra.pop("quick_gelu", None) is not None:
-        raise BackboneLoadError(
-            f"backbone.quick_gelu applies to kind=open_clip only; a {kind} model takes its activation from "
-            "its config.json (hidden_act): leave backbone.quick_gelu unset"
-        )
-    if kind == "hf_blip":
-        from zscir.backbones.hf_blip_encoder import build_hf_blip
-
-        return build_hf_blip(
-            model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, revision=revision, **extra
-        )
-    if kind == "lavis_blip":
-        from zscir.backbones.lavis_blip_encoder import build_lavis_blip
-
-        return build_lavis_blip(
-            model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, **extra
-        )
-    if extra:
-        raise TypeError(f"unexpected backbone options for kind={kind!r}: {sorted(extra)}")
-    if kind == "hf_clip":
-        from zscir.backbones.hf_clip_encoder import build_hf_clip
-
-        return build_hf_clip(
-            model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, revision=revision
-        )
-    raise BackboneLoadError(
-        f"unknown backbone kind {kind!r}; expected one of: open_clip, hf_clip, hf_blip, lavis_blip"
-    )
+    return builder(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, **options)
 
 
 def backbone_fingerprint(config: dict, whole_seconds: bool = False) -> str:

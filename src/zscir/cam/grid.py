@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from zscir.utils.images import label_font
 from zscir.utils.io import atomic_write
 
 CELL = 192  # pixels per image cell
@@ -37,13 +38,6 @@ def denormalize(pixels: Tensor, transform: object) -> np.ndarray:
             mean, std = torch.tensor(step.mean), torch.tensor(step.std)
     img = pixels.detach().float().cpu() * std[:, None, None] + mean[:, None, None]
     return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType sizes
-        return ImageFont.load_default()
 
 
 def _heat_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
@@ -84,7 +78,7 @@ def _draw_caption(
 
 
 def render_cam_grid(rows: list[GridRow], title: str = "") -> Image.Image:
-    font, small = _font(16), _font(14)
+    font, small = label_font(16), label_font(14)
     header = 30 + (24 if title else 0)
     pad = 6
     width = 3 * (CELL + pad) + TEXT_WIDTH + pad

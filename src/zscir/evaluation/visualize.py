@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
 from zscir.benchmarks.base import Benchmark, ImageRef, Query
 from zscir.retrieval.search import check_finite, normalize
+from zscir.utils.images import label_font
 from zscir.utils.io import atomic_write
 
 #: layout of a grid, in pixels (public so callers can predict a grid's size)
@@ -96,13 +97,6 @@ def retrieve(
     return out
 
 
-def _font(size: int = 11) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable default font (Pillow >= 10.1 with FreeType)
-    except TypeError:
-        return ImageFont.load_default()
-
-
 def grid_size(k: int, labelled: bool, tile: int = 128) -> tuple[int, int]:
     """(width, height) of a grid with ``k`` results (``labelled``: plus a ground-truth column)."""
     columns = 1 + k + (1 if labelled else 0)
@@ -129,7 +123,7 @@ def render_grid(benchmark: Benchmark, item: Retrieved, k: int, tile: int = 128) 
     width, height = grid_size(k, labelled, tile)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font()
+    font = label_font()
     chars = max(10, (width - 2 * PAD) // 6)
     text = " / ".join(item.query.texts)
     lines = textwrap.wrap(f"query {item.query.query_id}: {text}", chars)

@@ -42,7 +42,7 @@ from zscir.methods.base import MethodConfig, RetrievalMethod
 from zscir.methods.inversion import DEFAULT_TEMPLATE, Phi, encode_with_template
 from zscir.methods.losses import contrastive_loss
 from zscir.text.nouns import SAMPLING, NounChoice, NounSelector
-from zscir.text.placeholder import fit_prompts, isolate, require_placeholders
+from zscir.text.placeholder import fit_prompts, isolate, remove_placeholders, require_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,6 @@ class CamTIConfig(MethodConfig):
     phi_dropout: float = 0.5
     #: L2-normalise image features before phi (SEARLE/LinCIR/Pic2Word feed them unnormalised)
     normalize_phi_input: bool = False
-
-
-def clean_caption(caption: str) -> str:
-    """A literal ``$`` in a caption would be read as the pseudo-word (LinCIR removes it too)."""
-    return " ".join(caption.replace("$", " ").split())
 
 
 class CamTI(RetrievalMethod):
@@ -184,7 +179,7 @@ class CamTI(RetrievalMethod):
         return [str(int(i)) for i in batch["index"]], False
 
     def choose_nouns(self, batch: dict) -> list[NounChoice | None]:
-        captions = [clean_caption(c) for c in batch["caption"]]
+        captions = [remove_placeholders(c) for c in batch["caption"]]
         ids, _ = self._image_ids(batch)
         return self.nouns.select(captions, ids)
 
@@ -295,7 +290,7 @@ class CamTI(RetrievalMethod):
             maps = {r: m for r, m in zip(rows, up)}
         out = []
         for i in range(n):
-            caption, ch = clean_caption(sub["caption"][i]), choices[i]
+            caption, ch = remove_placeholders(sub["caption"][i]), choices[i]
             image = denormalize(pixels[i], self.encoder.image_transform)
             if ch is None:
                 out.append(GridRow(image, None, None, caption, None, "no noun: original loss only"))

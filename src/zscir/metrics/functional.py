@@ -19,7 +19,6 @@ from zscir.retrieval.search import (
     normalize,
     target_ranks,
     target_ranks_many,
-    topk_search,
 )
 
 
@@ -150,20 +149,6 @@ def circo_metrics_from_ranking(ranked: Tensor, positives: Sequence[Sequence[int]
     for k in (5, 10, 25, 50):
         out[f"recall@{k}"] = 100.0 * (ranked[:, :k] == first[:, None]).any(1).double().mean().item()
     return out
-
-
-def circo_metrics(
-    query_feats: Tensor, gallery_feats: Tensor, positives: Sequence[Sequence[int]]
-) -> dict[str, float]:
-    """CIRCO metrics from features: top-50 over the whole gallery, reference not removed.
-
-    Example:
-        >>> g = torch.eye(3)
-        >>> circo_metrics(torch.tensor([[0.1, 0.2, 0.9]]), g, [[2, 0]])["map@5"]  # ranking 2, 1, 0
-        83.33333333333333
-    """
-    ranked, _ = topk_search(query_feats, gallery_feats, 50)
-    return circo_metrics_from_ranking(ranked, positives)
 
 
 def genecis_recall(

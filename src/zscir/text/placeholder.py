@@ -45,6 +45,12 @@ def isolate(text: str) -> str:
     return _GLUED_RIGHT.sub(PLACEHOLDER + " ", _GLUED_LEFT.sub(" " + PLACEHOLDER, text))
 
 
+def remove_placeholders(caption: str) -> str:
+    """``caption`` with every literal ``$`` removed and whitespace collapsed: a ``$`` written in a training
+    caption would otherwise be read as the pseudo-word (LinCIR's official cleaning removes it too)."""
+    return " ".join(caption.replace(PLACEHOLDER, " ").split())
+
+
 def put_placeholder(text: str, spans: Iterable[tuple[int, int]]) -> str:
     """``text`` with each character span ``[start, end)`` replaced by an isolated ``$``.
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFont
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -104,3 +104,12 @@ def list_images(folder: Path) -> list[Path]:
             f"image folder {folder} holds no image (looked for {', '.join(IMAGE_SUFFIXES)} files, recursively)"
         )
     return images
+
+
+def label_font(size: int = 11) -> ImageFont.ImageFont:
+    """Pillow's default font at ``size`` px for labels on result grids (the scalable one where Pillow has
+    FreeType, >= 10.1; else the fixed bitmap font)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from zscir.backbones.base import PLACEHOLDER, Encoder, random_keep
 from zscir.backbones.errors import BackboneLoadError, missing_checkpoint_message
+from zscir.backbones.transforms import with_transform
 
 __all__ = [
     "PLACEHOLDER",
@@ -24,6 +25,9 @@ __all__ = [
 
 #: config keys that only matter to the application (how to provision weights), not to the model.
 _APP_KEYS = ("name", "train_recipe")
+#: config keys of the image preprocessing (``zscir.backbones.transforms``): not part of the weights'
+#: identity; feature caches key on ``Encoder.transform_id`` instead
+_TRANSFORM_KEYS = ("transform", "targetpad_ratio")
 
 
 def build_encoder(
@@ -33,6 +37,8 @@ def build_encoder(
     checkpoint: str | None = None,
     init_seed: int = 0,
     cache_dir: str | None = None,
+    transform: str = "default",
+    targetpad_ratio: float = 1.25,
     **extra: object,
 ) -> Encoder:
     """Build an encoder from a backbone config.
@@ -46,9 +52,28 @@ def build_encoder(
             ``lavis_blip``, the LAVIS weights file.
         init_seed: seed for random-init weights, so rebuilding gives identical parameters.
         cache_dir: weights cache folder.
+        transform: image preprocessing in front of the backbone's own: ``default`` (none) or
+            ``targetpad`` (pad to aspect ratio ``targetpad_ratio`` first; see
+            :mod:`zscir.backbones.transforms`). It changes ``transform_id``.
     """
     for key in _APP_KEYS:
         extra.pop(key, None)
+    encoder = _build(kind, model, pretrained, checkpoint, init_seed, cache_dir, extra)
+    encoder.image_transform, encoder.transform_id = with_transform(
+        encoder.image_transform, encoder.transform_id, transform, targetpad_ratio
+    )
+    return encoder
+
+
+def _build(
+    kind: str,
+    model: str,
+    pretrained: str | None,
+    checkpoint: str | None,
+    init_seed: int,
+    cache_dir: str | None,
+    extra: dict,
+) -> Encoder:
     extra = {k: v for k, v in extra.items() if v is not None}  # None: the kind's default
     if checkpoint and not Path(checkpoint).expanduser().is_file():
         raise BackboneLoadError(missing_checkpoint_message(kind, checkpoint))
@@ -92,7 +117,8 @@ def backbone_fingerprint(config: dict, whole_seconds: bool = False) -> str:
     ``whole_seconds=True`` gives the id zscir stored in checkpoints before (mtime in whole seconds), to
     recognise those checkpoints.
     """
-    relevant = {k: v for k, v in sorted(config.items()) if k not in _APP_KEYS and k != "cache_dir"}
+    skip = (*_APP_KEYS, *_TRANSFORM_KEYS, "cache_dir")
+    relevant = {k: v for k, v in sorted(config.items()) if k not in skip}
     for key in ("checkpoint", "pretrained", "model"):
         value = relevant.get(key)
         if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):

@@ -57,7 +57,7 @@ class Encoder(nn.Module, ABC):
         """The text tower's token embedding table (the injection point for pseudo-tokens)."""
 
     def encode_text_with_pseudo(
-        self, ids: Tensor, pseudo: Tensor, placeholder_id: int | None = None
+        self, ids: Tensor, pseudo: Tensor, placeholder_id: int | None = None, occurrence: str = "all"
     ) -> Tensor:
         """Encode ``ids`` with every placeholder position's token embedding replaced by ``pseudo``.
 
@@ -65,6 +65,9 @@ class Encoder(nn.Module, ABC):
             ids: token ids [B, T].
             pseudo: one pseudo-token embedding per row, [B, token_dim].
             placeholder_id: token id to replace; defaults to :attr:`placeholder_id`.
+            occurrence: ``"all"`` replaces every placeholder of a row (LinCIR); ``"first"`` only the
+                first one, later ones keep the placeholder word's own embedding (SEARLE's
+                ``encode_with_pseudo_tokens``).
 
         The replacement happens on the output of the token embedding table, before positional
         embeddings are added, and then the unchanged text tower runs. Rows without a placeholder are
@@ -75,7 +78,7 @@ class Encoder(nn.Module, ABC):
             raise ValueError(
                 f"pseudo must be [B={ids.shape[0]}, token_dim={self.token_dim}], got {tuple(pseudo.shape)}"
             )
-        with inject_pseudo_tokens(self.token_embedding(), pid, pseudo):
+        with inject_pseudo_tokens(self.token_embedding(), pid, pseudo, occurrence):
             return self.encode_text(ids)
 
     # ---- image --------------------------------------------------------------------------------
@@ -134,9 +137,11 @@ def single_token_id(tokenize: Callable[[Sequence[str]], Tensor], word: str) -> i
 
 
 @contextlib.contextmanager
-def inject_pseudo_tokens(embedding: nn.Embedding, placeholder_id: int, pseudo: Tensor) -> Iterator[None]:
-    """Within the block, ``embedding``'s output wherever its input is ``placeholder_id`` becomes that
-    row's ``pseudo`` [B, D].
+def inject_pseudo_tokens(
+    embedding: nn.Embedding, placeholder_id: int, pseudo: Tensor, occurrence: str = "all"
+) -> Iterator[None]:
+    """Within the block, ``embedding``'s output wherever its input is ``placeholder_id`` (``occurrence``:
+    ``"all"`` positions, or only each row's ``"first"``) becomes that row's ``pseudo`` [B, D].
 
     A forward hook keeps the library's own text tower in charge of everything after the lookup, so
     injection cannot drift from plain encoding (a test checks that injecting a word's own embedding
@@ -144,8 +149,13 @@ def inject_pseudo_tokens(embedding: nn.Embedding, placeholder_id: int, pseudo: T
     so an encoder may trim padding before the lookup.
     """
 
+    if occurrence not in ("all", "first"):
+        raise ValueError(f"occurrence must be 'all' or 'first', got {occurrence!r}")
+
     def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         where = inputs[0] == placeholder_id
+        if occurrence == "first":
+            where = where & (where.cumsum(dim=1) == 1)
         return torch.where(where.unsqueeze(-1), pseudo.to(output.dtype).unsqueeze(1), output)
 
     handle = embedding.register_forward_hook(hook)

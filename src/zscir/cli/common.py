@@ -144,6 +144,10 @@ class BackboneConfig:
     context_length: int | None = None
     text_attention_mask: bool | None = None
     caption_preprocess: str | None = None
+    #: image preprocessing in front of the backbone's own: default | targetpad (pad to targetpad_ratio
+    #: first, as SEARLE does; zscir.backbones.transforms)
+    transform: str = "default"
+    targetpad_ratio: float = 1.25
 
 
 @dataclass
@@ -311,9 +315,7 @@ def ensure_synthetic_world(cfg: DictConfig) -> None:
         log.warning(
             "the synthetic world in %s was generated with other synth settings; regenerating it", root
         )
-    else:
-        return
-    generate_world(root, synth)
+    generate_world(root, synth)  # reuses a matching world (adding files newer versions write)
 
 
 def ensure_backbone(cfg: DictConfig) -> None:

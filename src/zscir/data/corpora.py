@@ -201,8 +201,10 @@ def load_captioned_images(
 
 
 class ImageCaptionDataset(Dataset):
-    """``{"index", "key", "pixels", "caption"}`` (``key``: the sample's id in its shard, stable across runs);
-    an unreadable image yields None (skipped by the collate function)."""
+    """``{"index", "key", "stamp", "pixels", "caption"}`` (``key``: the sample's id in its shard, stable across
+    runs; ``stamp``: :func:`~zscir.utils.io.file_stamp` of the file the image was read from, and its span
+    in a shard, for caches keyed on images); an unreadable image yields None (skipped by the collate
+    function)."""
 
     def __init__(self, samples: list[CaptionedImage], transform: Callable):
         self.samples, self.transform = samples, transform
@@ -214,10 +216,17 @@ class ImageCaptionDataset(Dataset):
         s = self.samples[i]
         try:
             image = load_rgb(s.image.path, span=s.image.span)
-        except ImageLoadError as err:
+            stamp = ":".join(map(str, (*file_stamp(s.image.path), *(s.image.span or ()))))
+        except (ImageLoadError, FileNotFoundError) as err:
             log.warning("skipping sample %s: %s", s.key, err)
             return None
-        return {"index": i, "key": s.key, "pixels": self.transform(image), "caption": s.caption}
+        return {
+            "index": i,
+            "key": s.key,
+            "stamp": stamp,
+            "pixels": self.transform(image),
+            "caption": s.caption,
+        }
 
 
 def collate_skip_none(items: list[dict | None]) -> dict:

@@ -28,6 +28,8 @@ METHODS: dict[str, str] = {
     "lincir": "zscir.methods.lincir:LinCIR",
     "cam_ti": "zscir.methods.cam_ti:CamTI",
     "pli": "zscir.methods.pli:PLI",
+    "searle": "zscir.methods.searle:Searle",
+    "searle_oti": "zscir.methods.searle:SearleOTI",
 }
 
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import Tensor
 
-from zscir.backbones import backbone_fingerprint
+from zscir.backbones import Encoder, backbone_fingerprint
 from zscir.data.concepts import Concepts
 from zscir.methods.base import MethodConfig, RetrievalMethod
-from zscir.methods.distributed import gather_for_contrastive
+from zscir.methods.distributed import nt_xent
 from zscir.methods.inversion import DEFAULT_TEMPLATE, Phi, encode_with_template
 from zscir.methods.oti import (
     SLOT,
@@ -89,30 +89,17 @@ class SearleConfig(SearleOTIConfig):
     oti_cache_dir: str | None = None
 
 
-def nt_xent(v1: Tensor, v2: Tensor, temperature: float, gather_negatives: bool = True) -> Tensor:
-    """Symmetric NT-Xent between paired rows of ``v1`` and ``v2`` [B, D]: each of the 2B L2-normalised
-    vectors must pick its partner among the other 2B − 1 (PALAVRA's loss, SEARLE ``src/utils.py``
-    ``contrastive_loss``), averaged over the 2B vectors.
-
-    Under DDP with ``gather_negatives``, every rank's vectors are candidates and the per-rank value is
-    weighted so that its mean over ranks is the loss of the global batch (as
-    :func:`~zscir.methods.distributed.info_nce`).
-    """
-    a, b = F.normalize(v1.float(), dim=-1), F.normalize(v2.float(), dim=-1)
-    n_local = a.shape[0]
-    g = gather_for_contrastive(a, b) if gather_negatives else None
-    if g is None or g.world_size == 1:
-        all_a, all_b, offset, weight = a, b, 0, 1.0
-    else:
-        (all_a, all_b), offset, weight = g.tensors, g.offset, g.weight
-    n = all_a.shape[0]
-    logits = torch.cat([a, b]) @ torch.cat([all_a, all_b]).T / temperature  # [2B, 2N]
-    own = torch.arange(n_local, device=a.device) + offset
-    self_cols, partner_cols = torch.cat([own, own + n]), torch.cat([own + n, own])
-    rows = torch.arange(2 * n_local, device=a.device)
-    logits = logits.masked_fill(F.one_hot(self_cols, 2 * n).bool(), float("-inf"))
-    loss = (logits.logsumexp(dim=1) - logits[rows, partner_cols]).mean()
-    return weight * loss
+def phrase_loss(
+    encoder: Encoder, originals: list[str], slotted: list[str], tokens: Tensor, occurrence: str = "first"
+) -> Tensor:
+    """Mean over rows of ``1 − cos(f(slotted with token), f(original))``: the phrase regularisation of
+    φ's tokens [B, token_dim] (``src/train_phi.py`` lines 180-191, ``nn.CosineEmbeddingLoss`` with
+    target 1); the original phrases are encoded without gradient."""
+    with torch.no_grad():
+        reference = encoder.encode_text(encoder.tokenize(originals).to(tokens.device))
+    ids = encoder.tokenize(slotted).to(tokens.device)
+    with_token = encoder.encode_text_with_pseudo(ids, tokens, occurrence=occurrence)
+    return (1 - F.cosine_similarity(with_token.float(), reference.float(), dim=-1)).mean()
 
 
 def load_phi_checkpoint(phi: Phi, path: str | Path) -> None:
@@ -272,11 +259,7 @@ class Searle(SearleOTI):
         predicted = self.phi(feats)
         out = {"distil": nt_xent(targets, predicted, c.temperature)}
         originals, slotted = self.phrase_pairs(ranked)
-        with torch.no_grad():
-            reference = self.encoder.encode_text(self.encoder.tokenize(originals).to(self.device))
-        ids = self.encoder.tokenize(slotted).to(self.device)
-        with_token = self.encoder.encode_text_with_pseudo(ids, predicted, occurrence=c.injection)
-        out["gpt"] = (1 - F.cosine_similarity(with_token.float(), reference.float(), dim=-1)).mean()
+        out["gpt"] = phrase_loss(self.encoder, originals, slotted, predicted, c.injection)
         out["loss"] = c.lambda_distil * out["distil"] + c.lambda_gpt * out["gpt"]
         return out
 

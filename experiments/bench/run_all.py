@@ -30,6 +30,7 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "framework_overhead": ("bench_framework", {}, {"samples": 32, "batch": 8, "reps": 2}),
     "lincir_step": ("bench_lincir_step", {}, {"batch": 8, "captions": 32, "reps": 1}),
     "cam": ("bench_cam", {}, {"batch": 4, "batches": 2, "reps": 2}),
+    "searle": ("bench_searle", {"quick": False}, {"quick": True}),
 }
 #: GPU rows measured only where CUDA is present (null otherwise)
 GPU_BENCHES: dict[str, tuple[str, dict, dict]] = {

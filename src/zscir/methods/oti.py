@@ -201,12 +201,12 @@ def optimise_tokens(
         template_idx = torch.stack(template_idx).to(device)
         lam = cfg.lambda_cos + cfg.lambda_gpt
         for step in range(cfg.steps):
-            optimiser.zero_grad(set_to_none=True)
             ids = torch.cat([template_ids[template_idx[:, step]], slotted_ids[rows[:, step]]])
             feats = encoder.encode_text_with_pseudo(ids, torch.cat([token, token]), occurrence="first")
             cos, gpt = oti_loss_terms(feats[:b], image, feats[b:], originals[rows[:, step]])
             loss = (cfg.lambda_cos * cos + cfg.lambda_gpt * gpt) / lam
-            loss.sum().backward()
+            # the token's gradient only: no weight gradients are computed or accumulated, trainable or not
+            (token.grad,) = torch.autograd.grad(loss.sum(), token)
             optimiser.step()
             ema.mul_(cfg.ema_decay).add_(token.detach(), alpha=1 - cfg.ema_decay)
     return ema

@@ -452,3 +452,15 @@ def test_searle_oti_composes_queries_in_evaluation(small_world):
         again = method.compose(batch)  # caption variants of one batch reuse its tokens
     assert query.shape == (2, method.encoder.embed_dim)
     torch.testing.assert_close(query, again)
+
+
+def test_image_folder_corpus_has_no_captions(tmp_path):
+    from zscir.data.corpora import load_captioned_images
+
+    _folder_corpus(tmp_path / "imgs" / "n01", [(1, 2, 3), (4, 5, 6)])
+    for f in (tmp_path / "imgs").rglob("*.txt"):
+        f.unlink()
+    samples = load_captioned_images("images", tmp_path / "imgs")
+    assert [(s.key, s.caption) for s in samples] == [("n01/img0", ""), ("n01/img1", "")]
+    item = ImageCaptionDataset(samples, build_encoder(**TINY).image_transform)[0]
+    assert item["stamp"].startswith(str((tmp_path / "imgs" / "n01" / "img0.png").stat().st_size))

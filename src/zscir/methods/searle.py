@@ -264,6 +264,11 @@ class Searle(SearleOTI):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if "pixels" not in batch:
+            raise ValueError(
+                "SEARLE trains on images (data.kind=image_caption, e.g. data=synthetic or data=imagenet_images); "
+                f"this batch has keys {sorted(batch)}"
+            )
         terms = self.losses(batch)
         size = batch["pixels"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=size)

@@ -372,7 +372,7 @@ def test_synthetic_world_writes_concepts_and_phrases(small_world):
 
 def test_released_phi_checkpoint_loads_by_path(small_world, tmp_path):
     released = nn.Module()
-    released.layers = Phi(128, 128).net  # SEARLE names its sequential "layers"
+    released.layers = Phi(128, 128).net.eval()  # SEARLE names its sequential "layers"
     torch.save({"epoch": 100, "Phi": released.state_dict()}, tmp_path / "SEARLE_tiny.pt")
     method = build_method(
         TINY,

@@ -171,6 +171,13 @@ PUBLISHED_TEXT = {
     # Zhang et al., arXiv 2406.18836, key results: CIRR R@1/R@5 and the gains over the previous best,
     # FashionIQ R@10/R@50
     "cam_ti": "26.1 55.2 2.2 2.7 23.3 39.5",
+    # SEARLE (ICCV 2023) as quoted, marked as cited from it, in the PLI paper (arXiv 2311.07622) Tables 1-3:
+    # SEARLE, SEARLE-OTI (B/32), SEARLE-XL, SEARLE-XL-OTI (L/14); FashionIQ per category and average
+    "searle": """24.44 41.61 18.54 39.51 25.70 46.46 22.89 42.53 24.00 53.42 66.82 89.78 54.89 76.60 88.19
+              9.35 9.94 11.13 11.84 25.37 41.32 17.85 39.91 24.12 45.79 22.44 42.34 24.27 53.25 66.10 88.84
+              54.10 75.81 87.33 7.14 7.83 8.99 9.60 26.89 45.58 20.48 43.13 29.32 49.97 25.56 46.23 24.24
+              52.48 66.29 88.84 53.76 75.01 88.19 11.68 12.73 14.33 15.12 30.37 47.49 21.57 44.47 30.90
+              51.76 27.61 47.90 24.87 52.31 66.29 88.58 53.80 74.31 86.94 10.18 11.03 12.72 13.67""",
     # LinCIR's public result listing: CIRR test R@1, CIRR subset test R@1, CIRCO test mAP@10, GeneCIS R@1
     "lincir": "35.25 63.35 21.01 12.45",
     # Pic2Word as quoted in PLI (arXiv 2311.07622): Table 1 FashionIQ val (shirt, dress, toptee, average), Table 2

@@ -211,7 +211,7 @@ def test_length_buckets_narrow_lincir_batches(tmp_path):
         cfg = DataConfig(
             kind="text", path=str(tmp_path / "c.txt"), batch_size=8, num_workers=0, length_buckets=buckets
         )
-        loader = build_train_loader(cfg, None, seed=0, text_samples=method.text_samples)
+        loader = build_train_loader(cfg, None, seed=0, samples=method.text_samples)
         batches = list(loader)
         widths[buckets] = sum(int((b["ids"] != 0).sum(1).max()) for b in batches)
         seen[buckets] = sorted(i for b in batches for i in b["index"].tolist())

@@ -60,6 +60,7 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "cam": ("bench_cam", {}, {"batch": 4, "batches": 2, "reps": 2}),
     "gallery_cache": ("bench_gallery_cache", {}, {"pool": 60, "reps": 2}),
     "framework_overhead": ("bench_framework", {}, {"samples": 32, "batch": 8, "reps": 2}),
+    "searle": ("bench_searle", {"quick": False}, {"quick": True}),
 }
 #: GPU rows measured only where CUDA is present (null otherwise)
 GPU_BENCHES: dict[str, tuple[str, dict, dict]] = {

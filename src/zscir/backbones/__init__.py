@@ -15,6 +15,7 @@ from pathlib import Path
 
 from zscir.backbones.base import PLACEHOLDER, Encoder, random_keep
 from zscir.backbones.errors import BackboneLoadError, missing_checkpoint_message
+from zscir.backbones.transforms import with_transform
 
 __all__ = [
     "BACKBONES",
@@ -29,6 +30,9 @@ __all__ = [
 
 #: config keys that only matter to the application (how to provision weights), not to the model.
 _APP_KEYS = ("name", "train_recipe")
+#: config keys of the image preprocessing (``zscir.backbones.transforms``): not part of the weights'
+#: identity; feature caches key on ``Encoder.transform_id`` instead
+_TRANSFORM_KEYS = ("transform", "targetpad_ratio")
 
 
 #: backbone ``kind`` -> its builder (``module:function``, imported on first use, so a kind's libraries load
@@ -70,6 +74,8 @@ def build_encoder(
     checkpoint: str | None = None,
     init_seed: int = 0,
     cache_dir: str | None = None,
+    transform: str = "default",
+    targetpad_ratio: float = 1.25,
     **options: object,
 ) -> Encoder:
     """Build an encoder from a backbone config: the builder :data:`BACKBONES` registers for ``kind``.
@@ -88,6 +94,9 @@ def build_encoder(
             :func:`~zscir.backbones.open_clip_encoder.build_open_clip`), ``context_length``, ``revision``
             (hf_clip, hf_blip: the hub revision — branch, tag or commit — of ``model``), the BLIP text and
             image options. ``None`` means the kind's default.
+        transform: image preprocessing in front of the backbone's own: ``default`` (none) or
+            ``targetpad`` (pad to aspect ratio ``targetpad_ratio`` first, as SEARLE; see
+            :mod:`zscir.backbones.transforms`). It changes ``transform_id``.
 
     Raises:
         BackboneLoadError: unknown kind, missing checkpoint, an option the kind does not take (e.g.
@@ -108,7 +117,11 @@ def build_encoder(
             f"backbone option(s) {', '.join(foreign)} do not apply to kind={kind}, which takes "
             f"{', '.join(sorted(takes)) or 'no options'}" + (f": {hints}" if hints else "")
         )
-    return builder(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, **options)
+    encoder = builder(model, checkpoint=checkpoint, init_seed=init_seed, cache_dir=cache_dir, **options)
+    encoder.image_transform, encoder.transform_id = with_transform(
+        encoder.image_transform, encoder.transform_id, transform, targetpad_ratio
+    )
+    return encoder
 
 
 def backbone_fingerprint(config: dict, whole_seconds: bool = False) -> str:
@@ -120,7 +133,8 @@ def backbone_fingerprint(config: dict, whole_seconds: bool = False) -> str:
     recognise those checkpoints. A hub ``revision`` is part of it when one is given (without one, the id is
     the one configs without that key always had).
     """
-    relevant = {k: v for k, v in sorted(config.items()) if k not in _APP_KEYS and k != "cache_dir"}
+    skip = (*_APP_KEYS, *_TRANSFORM_KEYS, "cache_dir")
+    relevant = {k: v for k, v in sorted(config.items()) if k not in skip}
     if relevant.get("revision") is None:
         relevant.pop("revision", None)
     for key in ("checkpoint", "pretrained", "model"):

@@ -114,6 +114,10 @@ class BackboneConfig:
     context_length: int | None = None
     text_attention_mask: bool | None = None
     caption_preprocess: str | None = None
+    #: image preprocessing in front of the backbone's own: default | targetpad (pad to targetpad_ratio
+    #: first, as SEARLE does; zscir.backbones.transforms)
+    transform: str = "default"
+    targetpad_ratio: float = 1.25
 
 
 @dataclass

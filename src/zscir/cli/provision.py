@@ -41,9 +41,7 @@ def ensure_synthetic_world(cfg: DictConfig, benchmarks: list[dict] | None = None
         log.warning(
             "the synthetic world in %s was generated with other synth settings; regenerating it", root
         )
-    else:
-        return
-    generate_world(root, synth)
+    generate_world(root, synth)  # reuses a matching world (adding files newer versions write)
 
 
 def ensure_backbone(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> None:

@@ -10,6 +10,7 @@ Image–caption corpora come in three layouts (:func:`load_captioned_images`):
   beside the image or in a separate captions folder (PLI's ImageNet layout: ``ImageNet1K/test/**/*.JPEG``
   + ``ImageNet1K/captions/<stem>.txt``).
 * ``jsonl``: one ``{"image": <path>, "caption": <text>}`` object per line.
+* ``images``: image files under a folder (recursively), no captions (for methods that use none).
 """
 
 from __future__ import annotations
@@ -162,6 +163,19 @@ def load_caption_folder(root: str | Path, captions_dir: str | Path | None = None
     return samples
 
 
+def load_image_folder(root: str | Path) -> list[CaptionedImage]:
+    """Every image under ``root`` (recursively, sorted) with an empty caption: for methods that train on
+    images alone (SEARLE on the ImageNet1K test images)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetLayoutError(f"image folder {root} does not exist")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not images:
+        raise DatasetLayoutError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    keys = [str(p.relative_to(root).with_suffix("")) for p in images]
+    return [CaptionedImage(k, ImageRef(k, p), "") for k, p in zip(keys, images)]
+
+
 def load_caption_jsonl(path: str | Path, image_root: str | Path | None = None) -> list[CaptionedImage]:
     """Samples from a jsonl file: one ``{"image": <path>, "caption": <text>}`` per line; relative image
     paths are resolved against ``image_root`` (default: the jsonl file's folder)."""
@@ -190,19 +204,24 @@ def load_caption_jsonl(path: str | Path, image_root: str | Path | None = None) -
 def load_captioned_images(
     layout: str, path: str | Path, captions_dir: str | None = None, image_root: str | None = None
 ) -> list[CaptionedImage]:
-    """An image–caption corpus in one of the layouts of this module: ``shards``, ``folder`` or ``jsonl``."""
+    """An image–caption corpus in one of the layouts of this module: ``shards``, ``folder``, ``jsonl`` or
+    ``images`` (no captions)."""
     if layout == "shards":
         return load_image_caption_corpus(path)
     if layout == "folder":
         return load_caption_folder(path, captions_dir)
     if layout == "jsonl":
         return load_caption_jsonl(path, image_root)
-    raise ValueError(f"image-caption format must be shards, folder or jsonl, got {layout!r}")
+    if layout == "images":
+        return load_image_folder(path)
+    raise ValueError(f"image-caption format must be shards, folder, jsonl or images, got {layout!r}")
 
 
 class ImageCaptionDataset(Dataset):
-    """``{"index", "key", "pixels", "caption"}`` (``key``: the sample's id in its shard, stable across runs);
-    an unreadable image yields None (skipped by the collate function)."""
+    """``{"index", "key", "stamp", "pixels", "caption"}`` (``key``: the sample's id in its shard, stable across
+    runs; ``stamp``: :func:`~zscir.utils.io.file_stamp` of the file the image was read from, and its span
+    in a shard, for caches keyed on images); an unreadable image yields None (skipped by the collate
+    function)."""
 
     def __init__(self, samples: list[CaptionedImage], transform: Callable):
         self.samples, self.transform = samples, transform
@@ -214,10 +233,17 @@ class ImageCaptionDataset(Dataset):
         s = self.samples[i]
         try:
             image = load_rgb(s.image.path, span=s.image.span)
-        except ImageLoadError as err:
+            stamp = ":".join(map(str, (*file_stamp(s.image.path), *(s.image.span or ()))))
+        except (ImageLoadError, FileNotFoundError) as err:
             log.warning("skipping sample %s: %s", s.key, err)
             return None
-        return {"index": i, "key": s.key, "pixels": self.transform(image), "caption": s.caption}
+        return {
+            "index": i,
+            "key": s.key,
+            "stamp": stamp,
+            "pixels": self.transform(image),
+            "caption": s.caption,
+        }
 
 
 def collate_skip_none(items: list[dict | None]) -> dict:

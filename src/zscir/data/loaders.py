@@ -32,8 +32,8 @@ class DataConfig:
     ``kind``: ``image_caption`` or ``text`` (caption files: ``.txt`` lines, ``.jsonl``, ``.parquet``, or the
     ``.txt`` captions of webdataset ``.tar`` shards; a file, a directory, a glob or a brace range).
     Image–caption ``format``: ``shards`` (tar shards: a directory, glob or brace range), ``folder`` (images +
-    ``<stem>.txt`` captions, beside them or in ``captions_dir``) or ``jsonl`` (``{"image", "caption"}`` per
-    line, images under ``image_root``).
+    ``<stem>.txt`` captions, beside them or in ``captions_dir``), ``jsonl`` (``{"image", "caption"}`` per
+    line, images under ``image_root``) or ``images`` (a folder of images, no captions: SEARLE).
     """
 
     kind: str = "image_caption"

@@ -29,6 +29,8 @@ METHODS: dict[str, str] = {
     "cam_ti": "zscir.methods.cam_ti:CamTI",
     "pli": "zscir.methods.pli:PLI",
     "pic2word": "zscir.methods.pic2word:Pic2Word",
+    "searle": "zscir.methods.searle:Searle",
+    "searle_oti": "zscir.methods.searle:SearleOTI",
 }
 
 

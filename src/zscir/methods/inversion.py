@@ -50,6 +50,7 @@ def encode_with_template(
     template: str = DEFAULT_TEMPLATE,
     missing: MissingPlaceholders | None = None,
     query_ids: Sequence | None = None,
+    occurrences: str = "all",
 ) -> Tensor:
     """Text features of ``template`` filled with each caption, ``$`` replaced by that row's pseudo-token.
 
@@ -61,6 +62,8 @@ def encode_with_template(
         missing: counts prompts that still hold no pseudo-word (reported once per evaluation by the
             method); None: such prompts are logged at once.
         query_ids: names of the rows, for that report.
+        occurrences: which ``$`` of a prompt gets the pseudo-token: ``"all"`` (LinCIR) or ``"first"``
+            (SEARLE); see :meth:`~zscir.backbones.Encoder.encode_text_with_pseudo`.
 
     Raises:
         ValueError: if the template has no ``$`` or alone is longer than the context.
@@ -73,4 +76,4 @@ def encode_with_template(
     counter.add(ids, encoder.placeholder_id, query_ids)
     if missing is None and (text := counter.report()):
         log.warning(text)
-    return encoder.encode_text_with_pseudo(ids, pseudo)
+    return encoder.encode_text_with_pseudo(ids, pseudo, occurrences=occurrences)

@@ -190,3 +190,28 @@ def gather_for_contrastive(*tensors: Tensor) -> ContrastiveGather:
         stacked = _AllGatherWithGrad.apply(padded)  # [W, most, ...]
         gathered.append(torch.cat([stacked[r, : sizes[r]] for r in range(world)]))
     return ContrastiveGather(tuple(gathered), sum(sizes[:rank]), local, world)
+
+
+def nt_xent(v1: Tensor, v2: Tensor, temperature: float, gather_negatives: bool = True) -> Tensor:
+    """Symmetric NT-Xent between paired rows of ``v1`` and ``v2`` [B, D]: each of the 2B L2-normalised
+    vectors must pick its partner among the other 2B − 1 (PALAVRA's loss, SEARLE ``src/utils.py``
+    ``contrastive_loss``), averaged over the 2B vectors.
+
+    Under DDP with ``gather_negatives``, every rank's vectors are candidates and the per-rank value is
+    weighted so that its mean over ranks is the loss of the global batch (as :func:`info_nce`).
+    """
+    a, b = F.normalize(v1.float(), dim=-1), F.normalize(v2.float(), dim=-1)
+    n_local = a.shape[0]
+    g = gather_for_contrastive(a, b) if gather_negatives else None
+    if g is None or g.world_size == 1:
+        all_a, all_b, offset, weight = a, b, 0, 1.0
+    else:
+        (all_a, all_b), offset, weight = g.tensors, g.offset, g.weight
+    n = all_a.shape[0]
+    logits = torch.cat([a, b]) @ torch.cat([all_a, all_b]).T / temperature  # [2B, 2N]
+    own = torch.arange(n_local, device=a.device) + offset
+    self_cols, partner_cols = torch.cat([own, own + n]), torch.cat([own + n, own])
+    rows = torch.arange(2 * n_local, device=a.device)
+    logits = logits.masked_fill(F.one_hot(self_cols, 2 * n).bool(), float("-inf"))
+    loss = (logits.logsumexp(dim=1) - logits[rows, partner_cols]).mean()
+    return weight * loss

@@ -309,3 +309,52 @@ def describe_edit(a: Scene, b: Scene, rng: random.Random) -> tuple[str, str]:
             f"the {ref} is {rng.choice(SIZES[new.size][0])} now",
         ]
     ), "resize"
+
+
+# ---- concept vocabulary and phrases (SEARLE's inputs) ----------------------------------------------
+def concept_vocabulary() -> list[str]:
+    """The world's concept names, the counterpart of Open Images' class names for SEARLE: every shape
+    word, every colour with every shape word ("red disc"), and the backgrounds ("gray background")."""
+    shapes = list(dict.fromkeys(w for words in SHAPES.values() for w in words))
+    return [
+        *shapes,
+        *(f"{c} {s}" for c in COLOURS for s in shapes),
+        *(f"{b} background" for b in BACKGROUNDS),
+    ]
+
+
+def concept_phrases(concept: str, rng: random.Random, n: int = 24) -> list[str]:
+    """``n`` short sentences that contain ``concept`` once, in the shape of SEARLE's language-model
+    phrases ("a photo of {concept} that ..."), written from the world's own words (no language model).
+
+    The continuations say things that can be true in this world: a size, a place, a neighbour, a
+    background, or for a bare shape word a colour.
+    """
+    shapes = [w for words in SHAPES.values() for w in words]
+    background = concept.endswith(" background")
+    out: list[str] = []
+    while len(out) < n:
+        other = f"{rng.choice(list(COLOURS))} {rng.choice(shapes)}"
+        if background:
+            tails = [
+                f"shows {_article(other)} {other}",
+                f"has {_article(other)} {other} {rng.choice(SLOTS[rng.choice(list(SLOTS))][1])}",
+                "holds two shapes",
+                "is plain",
+            ]
+            head = f"a photo of a {concept} that"
+        else:
+            tails = [
+                f"is {rng.choice(SIZES[rng.choice(list(SIZES))][0])}",
+                f"is {rng.choice(SLOTS[rng.choice(list(SLOTS))][1])}",
+                f"is next to {_article(other)} {other}",
+                f"is on a {rng.choice(list(BACKGROUNDS))} background",
+                f"sits {rng.choice(SLOTS[rng.choice(list(SLOTS))][1])} of the picture",
+            ]
+            if concept in shapes:
+                tails.append(f"is {rng.choice(list(COLOURS))}")
+            head = f"a photo of {_article(concept)} {concept} that"
+        phrase = f"{head} {rng.choice(tails)}"
+        if phrase.count(concept) == 1:
+            out.append(phrase)
+    return out

@@ -7,6 +7,8 @@ Layout under ``root``::
     text/captions.txt                    text-only caption corpus, one caption per line
     cirr/                                CIRR in the layout SEARLE/LinCIR read (cirr/captions, cirr/image_splits, dev/, test1/)
     circo/                               CIRCO as its README describes (annotations/, COCO2017_unlabeled/)
+    concepts/class-descriptions.csv      concept vocabulary in Open Images' class-description format
+    concepts/concept_to_phrases.pkl      {concept: [phrase, ...]}, the format of SEARLE's phrase files
 
 Every item is generated from a generator seeded by ``(seed, part, index)``, so the output is
 byte-identical for the same seed and sizes, and independent of generation order.
@@ -14,8 +16,10 @@ byte-identical for the same seed and sizes, and independent of generation order.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import pickle
 import random
 import shutil
 import tarfile
@@ -276,6 +280,32 @@ def write_circo(root: Path, cfg: SynthConfig) -> None:
         atomic_write_text(base / "annotations" / f"{split}.json", json.dumps(records, indent=1))
 
 
+# ---- concepts ---------------------------------------------------------------------------------------
+#: the concept files of a world, relative to its root
+CONCEPT_FILES = ("concepts/class-descriptions.csv", "concepts/concept_to_phrases.pkl")
+
+
+def write_concepts(root: Path, cfg: SynthConfig) -> None:
+    """The world's concept vocabulary (``LabelName,DisplayName`` rows) and phrases per concept: what
+    SEARLE's concept association and phrase regularisation read (:func:`world.concept_vocabulary`)."""
+    names = W.concept_vocabulary()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["LabelName", "DisplayName"])
+    writer.writerows([f"/synthetic/{name.replace(' ', '_')}", name] for name in names)
+    phrases = {name: W.concept_phrases(name, _rng(cfg.seed, "phrases", name)) for name in names}
+    csv_file, pkl_file = (root / f for f in CONCEPT_FILES)
+    atomic_write_bytes(pkl_file, pickle.dumps(phrases, protocol=4))
+    atomic_write_text(csv_file, buf.getvalue())
+
+
+def ensure_concepts(root: str | Path, cfg: SynthConfig) -> None:
+    """Write the concept files of a world generated before they existed (they take a moment, no images)."""
+    root = Path(root)
+    if not all((root / f).is_file() for f in CONCEPT_FILES):
+        write_concepts(root, cfg)
+
+
 # ---- everything -------------------------------------------------------------------------------------
 def world_manifest(cfg: SynthConfig) -> dict:
     """The ``world.json`` of the world ``cfg`` generates: the file format version and every setting."""
@@ -293,14 +323,22 @@ def generate_world(root: str | Path, cfg: SynthConfig | None = None, force: bool
     manifest = world_manifest(cfg)
     marker = root / "world.json"
     if not force and marker.is_file() and json.loads(marker.read_text()) == manifest:
+        ensure_concepts(root, cfg)
         return root
     marker.unlink(missing_ok=True)
-    for part in ("corpus", "text", "cirr", "circo"):  # no stale shards or images from another configuration
+    for part in (
+        "corpus",
+        "text",
+        "cirr",
+        "circo",
+        "concepts",
+    ):  # no stale shards or images from another configuration
         shutil.rmtree(root / part, ignore_errors=True)
     write_corpus(root, cfg, "train", cfg.corpus_train)
     write_corpus(root, cfg, "val", cfg.corpus_val)
     write_text_corpus(root, cfg)
     write_cirr(root, cfg)
     write_circo(root, cfg)
+    write_concepts(root, cfg)
     atomic_write_text(marker, json.dumps(manifest, indent=1))
     return root

@@ -74,7 +74,7 @@ def test_jsonl_bad_line_is_located(tmp_path):
 
 
 def test_unknown_layout_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="shards, folder or jsonl"):
+    with pytest.raises(ValueError, match="shards, folder, jsonl or images"):
         load_captioned_images("parquet", tmp_path)
 
 

@@ -116,12 +116,24 @@ def test_method_yamls_agree_with_their_dataclass_defaults():
 
     on_purpose = {  # (method, key): why the YAML differs from the dataclass
         ("cam_ti", "cam_cache_dir"): "the YAML puts the CAM cache under the run's output folder",
+        **{
+            (
+                method,
+                key,
+            ): "the dataclass has no default (a required input); the YAML names the synthetic world's"
+            for method in ("searle", "searle_oti")
+            for key in ("vocabulary", "phrases")
+        },
+        ("searle", "oti_cache_dir"): "the YAML puts the OTI-target cache under the run's output folder",
     }
     for file in sorted((CONF_DIR / "method").glob("*.yaml")):
         yaml = OmegaConf.to_container(OmegaConf.load(file))
         cls = method_class(yaml["name"])
         defaults = plain(OmegaConf.structured(cls.Config(name=yaml["name"])))
-        parse_config(cls.Config, {k: v for k, v in yaml.items() if not str(v).startswith("${")})
+        # interpolations resolve only inside a composed run; a stand-in string keeps their keys checked
+        parse_config(
+            cls.Config, {k: "<interpolated>" if str(v).startswith("${") else v for k, v in yaml.items()}
+        )
         for key, value in yaml.items():
             if (yaml["name"], key) in on_purpose:
                 continue

@@ -271,7 +271,9 @@ class OTICache:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             try:
-                with os.fdopen(fd, "wb") as f:
+                with os.fdopen(
+                    fd, "wb"
+                ) as f:  # atomic: temp file + rename, no fsync per entry (a lost entry is recomputed)
                     f.write(data)
                 os.replace(tmp, path)
             except BaseException:

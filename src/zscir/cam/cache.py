@@ -18,13 +18,13 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from zscir.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,7 @@ class CamCache:
         payload = grid.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
         data = _HEADER.pack(MAGIC, VERSION, h, w, len(key), s0, s1) + key + payload
         path = self.path(image_id, noun)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:  # atomic: a temp file, renamed over the entry below
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        try:  # one small file per entry: atomic, not fsynced (a lost entry is recomputed)
+            atomic_write_bytes(path, data, durable=False)
         except OSError as err:
             log.warning("could not write CAM cache entry %s: %s", path, err)

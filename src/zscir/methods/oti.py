@@ -30,9 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from torch import Tensor
 
 from zscir.backbones import Encoder
 from zscir.data.concepts import Concepts
+from zscir.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -267,17 +266,7 @@ class OTICache:
         payload = token.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
         data = _HEADER.pack(MAGIC, VERSION, len(header), token.numel()) + header + payload
         path = self.path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(
-                    fd, "wb"
-                ) as f:  # atomic: temp file + rename, no fsync per entry (a lost entry is recomputed)
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        try:  # one small file per entry: atomic, not fsynced (a lost entry is recomputed)
+            atomic_write_bytes(path, data, durable=False)
         except OSError as err:
             log.warning("could not write OTI cache entry %s: %s", path, err)

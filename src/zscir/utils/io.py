@@ -21,8 +21,12 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], durable: bool = True) -> Path:
     """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, and rename it to ``path``.
+
+    ``durable=False`` skips the two fsyncs (file and folder): the rename is still atomic, so a reader sees
+    the old or the new content, but a power loss may lose the entry. For cache entries that are recomputed
+    when missing, written one per image, where an fsync each would dominate.
 
     On any failure the temp file is removed and ``path`` keeps its previous content. An ``OSError``
     (disk full, quota, permissions) is re-raised with the same errno and a message naming ``path``.
@@ -39,9 +43,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
@@ -84,8 +90,8 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return stale
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
+    return atomic_write(path, lambda f: f.write(data), durable)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

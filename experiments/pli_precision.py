@@ -68,7 +68,7 @@ def logits_of(method: torch.nn.Module, batch: dict) -> torch.Tensor:
 def measure(backbone: str = "b32", batch_size: int = 32, seed: int = 0) -> dict:
     """fp32 vs bf16 autocast on one batch (see the module docstring); returns the numbers printed."""
     torch.manual_seed(seed)
-    method = build_method(BACKBONES[backbone], {"name": "pli"})
+    method = build_method(BACKBONES[backbone], {"kind": "pli"})
     o = method.cfg.optim
     size = method.encoder.image_size
     batch = {

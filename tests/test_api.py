@@ -120,13 +120,13 @@ def test_load_run_without_hydra(tmp_path):
     run.mkdir()
     backbone = OmegaConf.load(REPO / "src/zscir/conf/backbone/tiny.yaml")
     OmegaConf.save(
-        {"method": {"name": "sum", "img_weight": 0.5}, "backbone": backbone}, run / "resolved_config.yaml"
+        {"method": {"kind": "sum", "img_weight": 0.5}, "backbone": backbone}, run / "resolved_config.yaml"
     )
     method = zscir.load_run(run, device="cpu")
     assert type(method).__name__ == "Sum"
     assert method.cfg.img_weight == 0.5
     assert not method.training
-    OmegaConf.save({"method": {"name": "lincir"}, "backbone": backbone}, run / "resolved_config.yaml")
+    OmegaConf.save({"method": {"kind": "lincir"}, "backbone": backbone}, run / "resolved_config.yaml")
     with pytest.raises(FileNotFoundError, match="trained lincir but has no checkpoint"):
         zscir.load_run(run, device="cpu")
     with pytest.raises(FileNotFoundError, match="not a zscir run directory"):

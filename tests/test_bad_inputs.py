@@ -245,7 +245,7 @@ def test_typo_in_a_checkpoint_option_or_group_name_is_named(compose):
 
 # ---- checkpoints of another method / backbone --------------------------------------------------------------
 def _checkpoint_file(tmp_path: Path, method: str, backbone: dict) -> Path:
-    model = build_method(backbone, {"name": method})
+    model = build_method(backbone, {"kind": method})
     ckpt = {"state_dict": model.state_dict(), "pytorch-lightning_version": lightning.__version__}
     model.on_save_checkpoint(ckpt)
     path = tmp_path / f"{method}.ckpt"
@@ -256,15 +256,15 @@ def _checkpoint_file(tmp_path: Path, method: str, backbone: dict) -> Path:
 def test_checkpoint_of_another_method_names_both_and_the_fix(tmp_path):
     path = _checkpoint_file(tmp_path, "clip_pretrain", TINY)
     with pytest.raises(ValueError, match=r"method 'clip_pretrain', not 'text_only'.*method=clip_pretrain"):
-        load_checkpoint(build_method(TINY, {"name": "text_only"}), path)
+        load_checkpoint(build_method(TINY, {"kind": "text_only"}), path)
 
 
 def test_checkpoint_of_another_backbone_names_both_and_the_fix(tmp_path):
     path = _checkpoint_file(tmp_path, "clip_pretrain", TINY)
     other = {**TINY, "init_seed": 1}
     with pytest.raises(ValueError, match=r"backbone 'tiny'.*fingerprint.*pass the backbone config"):
-        load_checkpoint(build_method(other, {"name": "clip_pretrain"}), path)
-    load_checkpoint(build_method(TINY, {"name": "clip_pretrain"}), path)  # the right one loads
+        load_checkpoint(build_method(other, {"kind": "clip_pretrain"}), path)
+    load_checkpoint(build_method(TINY, {"kind": "clip_pretrain"}), path)  # the right one loads
 
 
 def test_resuming_training_from_another_backbones_checkpoint_is_refused(compose, tmp_path):

@@ -105,7 +105,7 @@ def test_backbone_fingerprint_notices_a_same_second_same_size_rewrite(tmp_path):
 
 
 def test_checkpoint_weights_tag_notices_a_rewrite_that_keeps_size_and_mtime(tmp_path):
-    method = build_method({"kind": "open_clip", "model": "tiny"}, {"name": "sum"})
+    method = build_method({"kind": "open_clip", "model": "tiny"}, {"kind": "sum"})
     path = tmp_path / "weights.ckpt"
     torch.save({"state_dict": method.state_dict()}, path)
     load_checkpoint(method, path)
@@ -117,10 +117,10 @@ def test_checkpoint_weights_tag_notices_a_rewrite_that_keeps_size_and_mtime(tmp_
 
 def test_a_checkpoint_with_the_whole_second_fingerprint_of_earlier_versions_still_loads(tmp_path):
     weights = tmp_path / "tiny.pt"
-    method = build_method({"kind": "open_clip", "model": "tiny"}, {"name": "sum"})
+    method = build_method({"kind": "open_clip", "model": "tiny"}, {"kind": "sum"})
     torch.save(method.encoder.model.state_dict(), weights)
     backbone = {"kind": "open_clip", "model": "tiny", "checkpoint": str(weights)}
-    method = build_method(backbone, {"name": "sum"})
+    method = build_method(backbone, {"kind": "sum"})
     old = {"state_dict": {}, "zscir": {"backbone_fingerprint": backbone_fingerprint(backbone, True)}}
     method.on_load_checkpoint(old)  # accepted
     other = {"state_dict": {}, "zscir": {"backbone_fingerprint": "0123456789abcdef", "backbone": "x"}}

@@ -193,7 +193,7 @@ def test_fixed_sampling_is_stable_per_key_and_covers_every_noun():
 
 # ---- the loss ---------------------------------------------------------------------------------------
 def _method(**overrides) -> CamTI:
-    config = {"name": "cam_ti", "phi_dropout": 0.0, **overrides}
+    config = {"kind": "cam_ti", "phi_dropout": 0.0, **overrides}
     method = CamTI(backbone=TINY, config=config)
     method.train()
     return method

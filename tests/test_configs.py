@@ -83,19 +83,31 @@ def test_config_groups_mirror_code_folders():
     assert OmegaConf.load(CONF_DIR / "train.yaml")["defaults"][0] == {"paths": "default"}
 
 
-def test_every_method_and_benchmark_config_maps_to_a_registered_class():
+@pytest.mark.parametrize("group", ["backbone", "benchmark", "method"])
+def test_every_config_selects_a_registered_class_by_kind(group):
+    """One selector key for the three groups: every conf/<group>/*.yaml names a registered ``kind``."""
+    from zscir.backbones import BACKBONES, backbone_builder
     from zscir.benchmarks import BENCHMARKS, benchmark_class
     from zscir.methods import METHODS, method_class
 
-    for file in sorted((CONF_DIR / "method").glob("*.yaml")):
-        name = OmegaConf.load(file)["name"]
-        assert name == file.stem, file  # the file name is the selector
-        assert name in METHODS, file
-        assert method_class(name).__name__ == METHODS[name].split(":")[1], file
-    for file in sorted((CONF_DIR / "benchmark").glob("*.yaml")):
-        kind = OmegaConf.load(file)["kind"]
-        assert kind in BENCHMARKS, file
-        assert benchmark_class(kind).kind == kind, file
+    registry, lookup = {
+        "backbone": (BACKBONES, backbone_builder),
+        "benchmark": (BENCHMARKS, benchmark_class),
+        "method": (METHODS, method_class),
+    }[group]
+    files = sorted((CONF_DIR / group).glob("*.yaml"))
+    assert files
+    for file in files:
+        yaml = OmegaConf.load(file)
+        assert "kind" in yaml, f"{file} selects its class without kind"
+        kind = yaml["kind"]
+        assert kind in registry, file
+        assert lookup(kind).__name__ == registry[kind].split(":")[1], file
+        if group == "method":
+            assert kind == file.stem, file  # method=<file> selects the method of that kind
+            assert "name" not in yaml, f"{file}: a method has no name besides its kind"
+        if group == "benchmark":
+            assert benchmark_class(kind).kind == kind, file
     assert method_class("sum") is not method_class("text_only")  # distinct classes, not one stand-in
 
 
@@ -128,14 +140,14 @@ def test_method_yamls_agree_with_their_dataclass_defaults():
     }
     for file in sorted((CONF_DIR / "method").glob("*.yaml")):
         yaml = OmegaConf.to_container(OmegaConf.load(file))
-        cls = method_class(yaml["name"])
-        defaults = plain(OmegaConf.structured(cls.Config(name=yaml["name"])))
+        cls = method_class(yaml["kind"])
+        defaults = plain(OmegaConf.structured(cls.Config(kind=yaml["kind"])))
         # interpolations resolve only inside a composed run; a stand-in string keeps their keys checked
         parse_config(
             cls.Config, {k: "<interpolated>" if str(v).startswith("${") else v for k, v in yaml.items()}
         )
         for key, value in yaml.items():
-            if (yaml["name"], key) in on_purpose:
+            if (yaml["kind"], key) in on_purpose:
                 continue
             assert defaults[key] == value, (
                 f"{file.name}: {key}={value!r}, dataclass default {defaults[key]!r}"

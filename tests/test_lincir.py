@@ -39,7 +39,7 @@ CAPTIONS = [
 
 def lincir(backbone: str = "hf_clip", tmp_path=None, **config) -> torch.nn.Module:
     keywords = {"cache_dir": str(tmp_path)} if tmp_path is not None else {}
-    return build_method(BACKBONES[backbone], {"name": "lincir", "keywords": keywords, **config})
+    return build_method(BACKBONES[backbone], {"kind": "lincir", "keywords": keywords, **config})
 
 
 # ---- noise ----------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_eval_refuses_the_queries_of_a_backbone_with_an_inf_weight(data, tmp_pat
 
 
 def test_train_time_validation_refuses_them_too(data, broken_weights):
-    method = build_method({**TINY, "checkpoint": str(broken_weights)}, {"name": "text_only"})
+    method = build_method({**TINY, "checkpoint": str(broken_weights)}, {"kind": "text_only"})
     method.attach_benchmarks([build_benchmark("fashioniq", data / "FashionIQ", "val", category="dress")])
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False

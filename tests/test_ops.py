@@ -248,7 +248,7 @@ def test_optuna_search_configs(name):
 
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("train", [f"hparams_search={name}"], return_hydra_config=True)
-    assert cfg.method.name == method
+    assert cfg.method.kind == method
     for key in cfg.hydra.sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, key  # every searched key exists in the method
 
@@ -455,7 +455,7 @@ def test_run_dir_that_is_not_a_run_is_refused_clearly(tmp_path):
         load_run(tmp_path / "empty")
     for job in ("0_sum_tiny_seed0", "1_sum_tiny_seed1"):
         (tmp_path / "sweep" / job).mkdir(parents=True)
-        (tmp_path / "sweep" / job / "resolved_config.yaml").write_text("method: {name: sum}\n")
+        (tmp_path / "sweep" / job / "resolved_config.yaml").write_text("method: {kind: sum}\n")
     with pytest.raises(FileNotFoundError, match=r"holds 2 run\(s\) .*zscir-eval -m run_dir="):
         load_run(tmp_path / "sweep")
 
@@ -474,7 +474,7 @@ def _fake_run(
     run = root / name
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps(metrics))
-    info = {"task": task, "label": label, "method": method_cfg["name"], "backbone": "tiny", "seed": seed}
+    info = {"task": task, "label": label, "method": method_cfg["kind"], "backbone": "tiny", "seed": seed}
     (run / "run_info.json").write_text(json.dumps({**info, "benchmarks": [benchmark]}))
     config = {
         "seed": seed,
@@ -499,7 +499,7 @@ def test_report_splits_rows_by_the_swept_setting_and_plots_it(tmp_path):
                 f"{job}_sum",
                 "sum",
                 seed,
-                {"name": "sum", "img_weight": weight},
+                {"kind": "sum", "img_weight": weight},
                 {"synthetic_cirr/recall@1": r1},
             )
             job += 1
@@ -509,7 +509,7 @@ def test_report_splits_rows_by_the_swept_setting_and_plots_it(tmp_path):
             f"{job}_image_only",
             "image_only",
             seed,
-            {"name": "image_only"},
+            {"kind": "image_only"},
             {"synthetic_cirr/recall@1": 3.0},
         )
         job += 1
@@ -532,7 +532,7 @@ def test_report_splits_rows_by_the_swept_setting_and_plots_it(tmp_path):
 def test_report_of_runs_without_a_swept_setting_keeps_the_plain_table(tmp_path):
     for i, label in enumerate(("image_only", "sum")):
         _fake_run(
-            tmp_path / "runs", f"{i}_{label}", label, 0, {"name": label}, {"synthetic_cirr/recall@1": 1.0 + i}
+            tmp_path / "runs", f"{i}_{label}", label, 0, {"kind": label}, {"synthetic_cirr/recall@1": 1.0 + i}
         )
     paths = report([tmp_path / "runs"], tmp_path / "report")
     assert paths["markdown"].read_text().splitlines()[2] == "| method | synthetic_cirr/recall@1 |"
@@ -542,11 +542,11 @@ def test_report_of_runs_without_a_swept_setting_keeps_the_plain_table(tmp_path):
 def test_report_merges_a_sweep_with_its_re_evaluations(tmp_path):
     for seed in (0, 1):
         cirr = {"synthetic_cirr/recall@1": 10.0 + seed}
-        _fake_run(tmp_path / "train", f"{seed}_sum", "sum", seed, {"name": "sum"}, cirr)
+        _fake_run(tmp_path / "train", f"{seed}_sum", "sum", seed, {"kind": "sum"}, cirr)
         # zscir-eval run_dir=... benchmark=synthetic_circo: plain metric names, some with a "/"
         circo = {"map@10": 20.0 + 2 * seed, "semantic_map@10/negation": 5.0}
         _fake_run(
-            tmp_path / "eval", f"{seed}_sum", "sum", seed, {"name": "sum"}, circo, "synthetic_circo", "eval"
+            tmp_path / "eval", f"{seed}_sum", "sum", seed, {"kind": "sum"}, circo, "synthetic_circo", "eval"
         )
     paths = report([tmp_path / "train", tmp_path / "eval"], tmp_path / "report")
     (row,) = list(csv.DictReader(paths["csv"].read_text().splitlines()))

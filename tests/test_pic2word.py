@@ -33,7 +33,7 @@ TINY = {"name": "tiny", "kind": "open_clip", "model": "tiny"}
 
 
 def pic2word(**config) -> torch.nn.Module:
-    return build_method(TINY, {"name": "pic2word", **config})
+    return build_method(TINY, {"kind": "pic2word", **config})
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def released_file(path, mapping: torch.nn.Module) -> None:
     torch.save(
         {
             "epoch": 30,
-            "name": "pic2word",
+            "kind": "pic2word",
             "state_dict": {"module.logit_scale": torch.tensor(4.6052)},
             "state_dict_img2text": {f"module.{k}": v.clone() for k, v in mapping.state_dict().items()},
             "optimizer": {"state": {}, "param_groups": []},

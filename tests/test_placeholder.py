@@ -94,7 +94,7 @@ def pixels():
 
 
 def test_cam_ti_keeps_queries_whose_noun_touches_punctuation_and_counts_every_drop(pixels):
-    method = CamTI(backbone=TINY, config={"name": "cam_ti", "phi_dropout": 0.0})
+    method = CamTI(backbone=TINY, config={"kind": "cam_ti", "phi_dropout": 0.0})
     method.train()
     captions = ["a large red circle.", "red and blue", "two small squares!", "a tiny triangle, left"]
     batch = {"pixels": pixels, "index": torch.arange(4), "key": list("abcd"), "caption": captions}
@@ -113,7 +113,7 @@ def test_cam_ti_keeps_queries_whose_noun_touches_punctuation_and_counts_every_dr
 
 
 def test_cam_ti_counts_a_placeholder_beyond_the_context_as_truncated(pixels):
-    method = CamTI(backbone=TINY, config={"name": "cam_ti", "phi_dropout": 0.0})
+    method = CamTI(backbone=TINY, config={"kind": "cam_ti", "phi_dropout": 0.0})
     long = "one two three four five six seven eight nine ten eleven twelve " * 3 + "and a red circle"
     batch = {"pixels": pixels, "index": torch.arange(4), "key": list("abcd"), "caption": [long] * 4}
     terms = method.losses(batch)
@@ -312,7 +312,7 @@ def test_an_evaluation_warns_once_with_the_count_and_benchmark_query_ids(caplog)
     from zscir.methods.lincir import LinCIR
 
     template = " ".join(["word"] * 35) + " $ that {caption}"  # the $ lies past the 32-token context
-    method = LinCIR(backbone={"name": "tiny", **TINY}, config={"name": "lincir", "template": template})
+    method = LinCIR(backbone={"name": "tiny", **TINY}, config={"kind": "lincir", "template": template})
     method.eval()
     queries = [SimpleNamespace(query_id=str(100 + i)) for i in range(3)]
     method.evaluation.benchmarks, method.evaluation.metrics = (

@@ -21,7 +21,7 @@ CAPTIONS = ["a large red circle on the left", "two blue squares", "a small green
 
 
 def pli(backbone: str = "tiny", kind: str = "open_clip", **config) -> torch.nn.Module:
-    return build_method({"name": backbone, "kind": kind, "model": "tiny"}, {"name": "pli", **config})
+    return build_method({"name": backbone, "kind": kind, "model": "tiny"}, {"kind": "pli", **config})
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_inference_is_the_weighted_sum_of_normalised_features(method):
         torch.testing.assert_close(override.compose(batch), F.normalize(text + 0.6 * image, dim=-1))
         # before tuning, PLI's query is the `sum` baseline's with img_weight = 1 − mask_ratio
         baseline = build_method(
-            {"name": "tiny", "kind": "open_clip", "model": "tiny"}, {"name": "sum", "img_weight": 0.25}
+            {"name": "tiny", "kind": "open_clip", "model": "tiny"}, {"kind": "sum", "img_weight": 0.25}
         )
         torch.testing.assert_close(method.compose(batch), normalize(baseline.compose(batch)))
         assert not torch.allclose(method.compose(batch), override.compose(batch))

@@ -124,7 +124,7 @@ def test_cirr_pli_rewrites_the_captions_the_method_sees(data):
         "change pair 18",
     ]
     assert [g.image_id for g in pli.gallery] == [g.image_id for g in official.gallery]
-    method = build_method(TINY, {"name": "pli"})
+    method = build_method(TINY, {"kind": "pli"})
     method.compose = lambda batch: torch.stack(
         [ranked_query(official, CIRR_FIRST[t]) for t in batch["texts"]]
     )
@@ -299,7 +299,7 @@ def test_genecis_pli_composes_half_and_half_of_the_raw_features(data):
         "dog": (3 * e[5], e[4]),  # target 77 (also in its gallery: a tie for the target); image at 189213
         "table": (10 * e[1], e[2]),  # target 121506 = dim 1; the text points at distractor 536947
     }
-    method = build_method(TINY, {"name": "pli", "mask_ratio": 0.75})  # inference weight 0.25
+    method = build_method(TINY, {"kind": "pli", "mask_ratio": 0.75})  # inference weight 0.25
 
     def encode_towers(batch):
         rows = [towers[text] for text in batch["texts"]]
@@ -322,7 +322,7 @@ def test_genecis_pli_composes_half_and_half_of_the_raw_features(data):
 
 
 def test_encode_towers_gives_the_raw_features_pli_composes(data):
-    method = build_method(TINY, {"name": "pli", "mask_ratio": 0.75}).eval()
+    method = build_method(TINY, {"kind": "pli", "mask_ratio": 0.75}).eval()
     batch = {
         "pixels": torch.randn(2, 3, method.encoder.image_size, method.encoder.image_size),
         "texts": ["a", "b c"],
@@ -339,8 +339,8 @@ def test_encode_towers_gives_the_raw_features_pli_composes(data):
 def test_methods_not_composing_from_their_towers_are_refused(data):
     pli = build_benchmark("genecis", data / "GeneCIS", "val", task="focus_object", protocol="pli")
     with pytest.raises(ValueError, match=r"benchmark\.protocol=official"):
-        build_method(TINY, {"name": "image_only"}).attach_benchmarks([pli])
-    build_method(TINY, {"name": "image_only"}).attach_benchmarks(
+        build_method(TINY, {"kind": "image_only"}).attach_benchmarks([pli])
+    build_method(TINY, {"kind": "image_only"}).attach_benchmarks(
         [build_benchmark("genecis", data / "GeneCIS", "val", task="focus_object")]
     )
 

@@ -26,7 +26,7 @@ def write_run(path: Path, cfg, seed: int, metrics: dict[str, float], benchmarks:
     with open_dict(cfg):
         cfg.seed = seed
     (path / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    info = {"label": cfg.label or cfg.method.name, "backbone": cfg.backbone.name, "seed": seed}
+    info = {"label": cfg.label or cfg.method.kind, "backbone": cfg.backbone.name, "seed": seed}
     (path / "run_info.json").write_text(json.dumps({**info, "benchmarks": benchmarks}))
     (path / "metrics.json").write_text(json.dumps(metrics))
 

@@ -173,7 +173,7 @@ def test_phrase_loss_uses_searles_first_dollar_injection():
 def test_searle_losses_are_the_official_losses_of_its_draws(small_world, tmp_path):
     method = build_method(
         TINY,
-        {"name": "searle", **concept_config(small_world), "oti": {"steps": 2}, "top_k_concepts": 5},
+        {"kind": "searle", **concept_config(small_world), "oti": {"steps": 2}, "top_k_concepts": 5},
     ).train()
     method.phi.eval()  # dropout off: the reference recomputes φ(x)
     pixels = features(4, 3, 64, 64, seed=1)
@@ -256,7 +256,7 @@ def test_oti_cache_notices_a_changed_image_file(small_world, tmp_path):
     method = build_method(
         TINY,
         {
-            "name": "searle",
+            "kind": "searle",
             **concept_config(small_world),
             "oti": {"steps": 3},
             "oti_cache_dir": str(tmp_path / "cache"),
@@ -291,7 +291,7 @@ def test_oti_cache_notices_a_changed_image_file(small_world, tmp_path):
 
 def test_oti_cache_namespace_follows_settings_and_backbone(small_world, tmp_path):
     def namespace(**over) -> str:
-        cfg = {"name": "searle", **concept_config(small_world), "oti_cache_dir": str(tmp_path), **over}
+        cfg = {"kind": "searle", **concept_config(small_world), "oti_cache_dir": str(tmp_path), **over}
         return build_method(over.pop("backbone", TINY), cfg).oti_cache.root.name
 
     base = namespace()
@@ -299,14 +299,14 @@ def test_oti_cache_namespace_follows_settings_and_backbone(small_world, tmp_path
     assert (
         build_method(
             {**TINY, "transform": "targetpad"},
-            {"name": "searle", **concept_config(small_world), "oti_cache_dir": str(tmp_path)},
+            {"kind": "searle", **concept_config(small_world), "oti_cache_dir": str(tmp_path)},
         ).oti_cache.root.name
         != base
     )
     assert (
         build_method(
             {**TINY, "init_seed": 1},
-            {"name": "searle", **concept_config(small_world), "oti_cache_dir": str(tmp_path)},
+            {"kind": "searle", **concept_config(small_world), "oti_cache_dir": str(tmp_path)},
         ).oti_cache.root.name
         != base
     )
@@ -376,7 +376,7 @@ def test_released_phi_checkpoint_loads_by_path(small_world, tmp_path):
     torch.save({"epoch": 100, "Phi": released.state_dict()}, tmp_path / "SEARLE_tiny.pt")
     method = build_method(
         TINY,
-        {"name": "searle", **concept_config(small_world), "phi_checkpoint": str(tmp_path / "SEARLE_tiny.pt")},
+        {"kind": "searle", **concept_config(small_world), "phi_checkpoint": str(tmp_path / "SEARLE_tiny.pt")},
     ).eval()
     x = features(2, 128, seed=3)
     torch.testing.assert_close(method.phi(x), released.layers(x))
@@ -439,7 +439,7 @@ def test_searle_resumes_to_the_uninterrupted_result(compose, tmp_path):
 
 def test_searle_oti_composes_queries_in_evaluation(small_world):
     method = build_method(
-        TINY, {"name": "searle_oti", **concept_config(small_world), "oti": {"steps": 3}}
+        TINY, {"kind": "searle_oti", **concept_config(small_world), "oti": {"steps": 3}}
     ).eval()
     assert not method.trains
     batch = {

@@ -204,7 +204,7 @@ def test_length_buckets_narrow_lincir_batches(tmp_path):
     (tmp_path / "c.txt").write_text("\n".join((short * 20 + long_ * 4)[i] for i in range(64)) + "\n")
     method = build_method(
         {"kind": "open_clip", "model": "tiny"},
-        {"name": "lincir", "keywords": {"cache_dir": str(tmp_path / "kw"), "n_process": 1}},
+        {"kind": "lincir", "keywords": {"cache_dir": str(tmp_path / "kw"), "n_process": 1}},
     )
     widths, seen = {}, {}
     for buckets in (0, 4):

@@ -34,7 +34,7 @@ class ImageCaptions(Dataset):
 
 def build_pli() -> torch.nn.Module:
     return build_method(
-        {"kind": "open_clip", "model": "tiny"}, {"name": "pli", "warmup_epochs": 0, "optim": {"lr": 1e-6}}
+        {"kind": "open_clip", "model": "tiny"}, {"kind": "pli", "warmup_epochs": 0, "optim": {"lr": 1e-6}}
     )
 
 

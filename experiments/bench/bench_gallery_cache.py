@@ -33,9 +33,9 @@ def run(pool: int = 2000, reps: int = 5, batch_size: int = 128) -> dict:
             ),
         )
         bench = build_benchmark("circo", root / "circo", "val")
-        cached = build_method({"kind": "open_clip", "model": "tiny"}, {"name": "image_only"})
+        cached = build_method({"kind": "open_clip", "model": "tiny"}, {"kind": "image_only"})
         cached.attach_benchmarks([bench], batch_size=batch_size, cache=GalleryCache(Path(tmp) / "cache"))
-        fresh = build_method({"kind": "open_clip", "model": "tiny"}, {"name": "image_only"})
+        fresh = build_method({"kind": "open_clip", "model": "tiny"}, {"kind": "image_only"})
         fresh.attach_benchmarks([bench], batch_size=batch_size, cache=None)
         cached._prepare_galleries()  # the first evaluation fills the cache
         timing = compare(cached._prepare_galleries, fresh._prepare_galleries, reps=reps)

@@ -195,7 +195,7 @@ def lincir_row(model: str, device: torch.device, batch: int, reps: int) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache_dir:
         methods = {
-            side: build_method(_backbone(model), {"name": "lincir", "keywords": {"cache_dir": cache_dir}}).to(
+            side: build_method(_backbone(model), {"kind": "lincir", "keywords": {"cache_dir": cache_dir}}).to(
                 device
             )
             for side in ("ours", "peer")

@@ -129,11 +129,11 @@ def run(batch: int = 128, captions: int = 4096, steps: int = 8, reps: int = 5) -
         methods = {
             cache: build_method(
                 BACKBONE,
-                {"name": "lincir", "keywords": {"cache": cache, "cache_dir": cache_dir, "n_process": 1}},
+                {"kind": "lincir", "keywords": {"cache": cache, "cache_dir": cache_dir, "n_process": 1}},
             ).train()
             for cache in (True, False)
         }
-        peer_method = build_method(BACKBONE, {"name": "lincir"}).train()
+        peer_method = build_method(BACKBONE, {"kind": "lincir"}).train()
         start = time.perf_counter()
         entry = methods[True].text_samples.keyword_cache().get_all([MemorySource(texts, "bench")])
         build_s = time.perf_counter() - start

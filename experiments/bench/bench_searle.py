@@ -45,7 +45,7 @@ def run(quick: bool = False) -> dict:
             "phrases": str(root / "concepts/concept_to_phrases.pkl"),
         }
         tiny = {"kind": "open_clip", "model": "tiny"}
-        method = build_method(tiny, {"name": "searle", **concepts, "oti": {"steps": oti_steps}}).train()
+        method = build_method(tiny, {"kind": "searle", **concepts, "oti": {"steps": oti_steps}}).train()
         data = ImageCaptionDataset(
             load_captioned_images("shards", root / "corpus/train"), method.encoder.image_transform
         )
@@ -76,7 +76,7 @@ def run(quick: bool = False) -> dict:
             )
         }
 
-        settings = {"name": "searle", **concepts, "oti": vars(OTIConfig(steps=cache_steps))}
+        settings = {"kind": "searle", **concepts, "oti": vars(OTIConfig(steps=cache_steps))}
         cached = build_method(tiny, {**settings, "oti_cache_dir": str(Path(tmp) / "cache")}).train()
         fresh = build_method(tiny, settings).train()
 

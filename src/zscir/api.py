@@ -37,6 +37,7 @@ from zscir.retrieval.cache import GalleryCache, cache_key
 from zscir.retrieval.search import normalize, topk_search
 from zscir.utils.images import load_rgb, to_rgb
 from zscir.utils.io import file_stamp
+from zscir.utils.run_config import RUN_CONFIG, load_run_config
 
 log = logging.getLogger("zscir")
 
@@ -95,7 +96,7 @@ def check_template(method: RetrievalMethod) -> None:
     missing = [slot for slot in (PLACEHOLDER, "{caption}") if slot not in template]
     if missing:
         raise ValueError(
-            f"{method.cfg.name}: template {template!r} has no {' and no '.join(repr(m) for m in missing)} "
+            f"{method.cfg.kind}: template {template!r} has no {' and no '.join(repr(m) for m in missing)} "
             f"slot; '$' is where the reference image's pseudo-word goes and '{{caption}}' the modification "
             f"text, e.g. {default!r}"
         )
@@ -111,7 +112,7 @@ def load_method(
     """A method ready to retrieve (eval mode, on ``device``).
 
     Args:
-        method: a method name (``sum``, ``lincir``, ...) or a method config dict with ``name``.
+        method: a method kind (``sum``, ``lincir``, ...) or a method config dict with ``kind``.
         backbone: a backbone config name (``tiny``, ``clip_vit_l14``, ...) or a backbone config dict.
         checkpoint: a zscir checkpoint of this method and backbone (``<run>/checkpoints/last.ckpt``).
         device: default: CUDA when available, else CPU.
@@ -119,9 +120,10 @@ def load_method(
 
     Raises:
         KeyError: an unknown method. ValueError: an unknown option, a template without its slots, a
-        checkpoint of another method or backbone. BackboneLoadError: weights that cannot be loaded.
+        checkpoint of another method or backbone, a config dict that selects with ``name`` (renamed to
+        ``kind``). BackboneLoadError: weights that cannot be loaded.
     """
-    config = {"name": method} if isinstance(method, str) else dict(method)
+    config = {"kind": method} if isinstance(method, str) else dict(method)
     config.update(options)
     model = build_method(backbone_config(backbone), config)
     check_template(model)
@@ -134,13 +136,14 @@ def load_method(
 
 def find_runs(directory: Path) -> list[Path]:
     """Run directories (holding ``resolved_config.yaml``) under ``directory``."""
-    return sorted(p.parent for p in Path(directory).rglob("resolved_config.yaml"))
+    return sorted(p.parent for p in Path(directory).rglob(RUN_CONFIG))
 
 
 def run_config(run_dir: str | Path) -> tuple[DictConfig, Path | None]:
     """A training run's saved config and the checkpoint to evaluate: the one its final metrics were
     computed with (``run_info.json``: the best by ``checkpoint.monitor``, else the last), else — for a
-    run still going or interrupted — its ``last.ckpt``; None for a method that trains nothing.
+    run still going or interrupted — its ``last.ckpt``; None for a method that trains nothing. A config
+    written by an earlier zscir is read with today's keys (:func:`~zscir.utils.run_config.load_run_config`).
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist or is not a run directory (a sweep directory is
@@ -149,8 +152,7 @@ def run_config(run_dir: str | Path) -> tuple[DictConfig, Path | None]:
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir={run_dir} does not exist")
-    config = run_dir / "resolved_config.yaml"
-    if not config.is_file():
+    if not (run_dir / RUN_CONFIG).is_file():
         inside = find_runs(run_dir)
         hint = (
             f"; it holds {len(inside)} run(s) (a sweep directory?), e.g. {inside[0]}. Evaluate them all with "
@@ -159,7 +161,7 @@ def run_config(run_dir: str | Path) -> tuple[DictConfig, Path | None]:
             else "; pass the directory of a zscir-train run (outputs/train/<method>/<run>)"
         )
         raise FileNotFoundError(f"{run_dir} is not a zscir run directory (no resolved_config.yaml){hint}")
-    saved = OmegaConf.load(config)
+    saved = load_run_config(run_dir)
     ckpts = run_dir / "checkpoints"
     info_file = run_dir / "run_info.json"
     recorded = json.loads(info_file.read_text()).get("checkpoint") if info_file.is_file() else None
@@ -203,7 +205,7 @@ def load_run(
     model = load_method(config, backbone, ckpt, device, **options)
     if ckpt is None and model.trains:
         raise FileNotFoundError(
-            f"run {run_dir} trained {config['name']} but has no checkpoint (checkpoints/)"
+            f"run {run_dir} trained {config['kind']} but has no checkpoint (checkpoints/)"
         )
     return model
 

@@ -502,7 +502,7 @@ def test_pli_trains_the_lavis_backbone_with_dropped_tokens():
     from zscir.methods import build_method
 
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step without a Trainer
-    m = build_method({"name": "tiny_lavis_blip", "kind": "lavis_blip", "model": "tiny"}, {"name": "pli"})
+    m = build_method({"name": "tiny_lavis_blip", "kind": "lavis_blip", "model": "tiny"}, {"kind": "pli"})
     m.train()
     lengths = []
     blocks = m.encoder.model.vision_model.encoder

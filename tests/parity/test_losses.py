@@ -77,7 +77,7 @@ def test_pli_training_step_is_the_official_loss_of_its_features(experiment, norm
     if normalize == "target":
         backbone = {"hf_blip": dict(name="tiny_blip", kind="hf_blip", model="tiny")}
     (spec,) = backbone.values()
-    method = build_method(spec, {"name": "pli", "mask_ratio": 0.5, "normalize": normalize})
+    method = build_method(spec, {"kind": "pli", "mask_ratio": 0.5, "normalize": normalize})
     method.train()
     size = method.encoder.image_size
     pixels = features(4, 3, size, size, seed=1)
@@ -126,7 +126,7 @@ def test_lincir_noise_uses_the_official_draws():
 def test_lincir_loss_is_the_official_noise_and_mse(l2_normalize):
     method = build_method(
         dict(name="tiny_hf", kind="hf_clip", model="tiny"),
-        {"name": "lincir", "normalize_input": l2_normalize},
+        {"kind": "lincir", "normalize_input": l2_normalize},
     )
     method.train()  # φ's dropout draws from the global RNG after the noise, in both computations
     enc = method.encoder

@@ -160,7 +160,7 @@ def test_method_loss_is_the_official_get_loss_img2text(models):
     """The whole training loss: OpenAI CLIP + the official computation vs the method on the same weights
     (the mapping's dropout off, so both see the same mapping)."""
     reference, encoder = models
-    method = build_method({"name": "tiny", "kind": "open_clip", "model": "tiny"}, {"name": "pic2word"})
+    method = build_method({"name": "tiny", "kind": "open_clip", "model": "tiny"}, {"kind": "pic2word"})
     method.encoder = encoder  # the same weights as ``reference``
     method.img2text = Img2Text(encoder.embed_dim, encoder.token_dim)
     method.logit_scale = float(reference.logit_scale.exp())

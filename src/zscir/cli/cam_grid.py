@@ -41,9 +41,9 @@ def write_grid(
             f"{out} exists; zscir-cam-grid does not replace it: choose another --out, or pass --overwrite"
         )
     cfg = compose_config("train", list(overrides))
-    if cfg.method.name != "cam_ti":
+    if cfg.method.kind != "cam_ti":
         raise ValueError(
-            f"the CAM grid shows CAM-TI's masking; got method={cfg.method.name} (add method=cam_ti)"
+            f"the CAM grid shows CAM-TI's masking; got method={cfg.method.kind} (add method=cam_ti)"
         )
     ensure_synthetic_world(cfg)
     ensure_backbone(cfg, train)

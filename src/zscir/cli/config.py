@@ -21,7 +21,8 @@ from zscir.benchmarks import Benchmark
 from zscir.cli.launch import run_stamp
 from zscir.data.loaders import DataConfig
 from zscir.data.synthetic import SynthConfig
-from zscir.methods import method_class, parse_config
+from zscir.methods import check_method_keys, method_class, parse_config, renamed_name_message
+from zscir.utils.run_config import RUN_CONFIG, load_run_config
 
 #: the configs shipped inside the package (``zscir/conf``), or ``$ZSCIR_CONF_DIR``
 CONF_DIR = Path(os.environ.get("ZSCIR_CONF_DIR", PACKAGE_CONF))
@@ -54,10 +55,10 @@ def _from_run(run_dir: str | None, key: str, default: Any = None) -> Any:
     evaluation of a run is filed under that run's method, backbone and seed."""
     if not run_dir:
         return default
-    saved = Path(str(run_dir)).expanduser() / "resolved_config.yaml"
-    if not saved.is_file():
+    saved = Path(str(run_dir)).expanduser()
+    if not (saved / RUN_CONFIG).is_file():
         return default  # evaluate() reports the bad run_dir with a clear message
-    return OmegaConf.select(OmegaConf.load(saved), key, default=default)
+    return OmegaConf.select(load_run_config(saved), key, default=default)
 
 
 def _cpu_precision() -> str:
@@ -179,8 +180,9 @@ def validate_config(cfg: DictConfig, task: str, benchmarks: list[dict] | None = 
     resolved benchmark configs; None: resolved from ``cfg``).
 
     Raises:
-        ValueError: an unknown top-level key, trainer option or benchmark; or a key a group's schema lacks
-            or a value of the wrong type (an omegaconf ``ValidationError``/``ConfigKeyError``, both ValueErrors
+        ValueError: an unknown top-level key, trainer option or benchmark; a method selected with
+            ``method.name`` (renamed to ``method.kind``); or a key a group's schema lacks or a value of the
+            wrong type (an omegaconf ``ValidationError``/``ConfigKeyError``, both ValueErrors
             or KeyErrors naming the key).
     """
     unknown = set(cfg.keys()) - ROOT_KEYS[task]
@@ -189,7 +191,8 @@ def validate_config(cfg: DictConfig, task: str, benchmarks: list[dict] | None = 
             f"unknown top-level config key(s) {sorted(unknown)}; allowed: {sorted(ROOT_KEYS[task])}"
         )
     parse_config(BackboneConfig, plain(cfg.backbone))
-    parse_config(method_class(cfg.method.name).Config, plain(cfg.method))
+    check_method_keys(cfg.method)
+    parse_config(method_class(cfg.method.kind).Config, plain(cfg.method))
     parse_config(EvalConfig, plain(cfg.eval))
     check_trainer_keys(plain(cfg.trainer))
     parse_config(SynthConfig, plain(cfg.synth))
@@ -371,6 +374,19 @@ def check_plugins(overrides: Sequence[str]) -> None:
                 raise SystemExit(f"{group}={value} needs the Hydra plugin {module.split('.')[-1]}: {hint}")
 
 
+def check_renamed_overrides(overrides: Sequence[str]) -> None:
+    """Before Hydra composes: an override of ``method.name`` (renamed to ``method.kind``) is refused with
+    the new key (Hydra alone would say only that the key is not in the config).
+
+    Raises:
+        ValueError: naming the renamed key and the override to write instead.
+    """
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "method.name":
+            raise ValueError(renamed_name_message(value or "<method>"))
+
+
 def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
@@ -399,7 +415,12 @@ def benchmark_configs(cfg: DictConfig) -> list[dict]:
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose ``zscir/conf/<config_name>.yaml`` with overrides, inside or outside a running Hydra app."""
+    """Compose ``zscir/conf/<config_name>.yaml`` with overrides, inside or outside a running Hydra app.
+
+    Raises:
+        ValueError: an override of ``method.name`` (:func:`check_renamed_overrides`).
+    """
+    check_renamed_overrides(overrides)
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

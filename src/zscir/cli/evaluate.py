@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from zscir.api import load_checkpoint
 from zscir.api import run_config as load_run  # the name callers of zscir.cli.evaluate know
 from zscir.backbones import backbone_fingerprint
-from zscir.cli.config import CONF_DIR, check_plugins, plain
+from zscir.cli.config import CONF_DIR, check_plugins, check_renamed_overrides, plain
 from zscir.cli.outputs import (
     metrics_after_test,
     print_metrics,
@@ -52,7 +52,7 @@ def from_run_dir(cfg: DictConfig) -> None:
         cfg.experiment_name = cfg.get("experiment_name") or saved.get("experiment_name")
         cfg.tags = list(dict.fromkeys([*(saved.get("tags") or []), *(cfg.get("tags") or [])]))
         cfg.ckpt_path = cfg.ckpt_path or (str(ckpt) if ckpt else None)
-    log.info("evaluating run %s (method %s, checkpoint %s)", cfg.run_dir, cfg.method.name, cfg.ckpt_path)
+    log.info("evaluating run %s (method %s, checkpoint %s)", cfg.run_dir, cfg.method.kind, cfg.ckpt_path)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -71,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         load_checkpoint(method, cfg.ckpt_path)
     elif cfg.get("run_dir") and method.trains:
         raise FileNotFoundError(
-            f"run {cfg.run_dir} trained {cfg.method.name} but has no checkpoint (checkpoints/last.ckpt); "
+            f"run {cfg.run_dir} trained {cfg.method.kind} but has no checkpoint (checkpoints/last.ckpt); "
             "pass ckpt_path=... to evaluate other weights"
         )
     if not benchmarks:
@@ -122,7 +122,7 @@ def _write_outputs(
     checkpoint = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     write_run_info(run_dir, cfg, "eval", metrics, checkpoint, benchmark_names)
     print_metrics(
-        f"{cfg.get('label') or cfg.method.name} ({cfg.backbone.name}, {backbone_fingerprint(plain(cfg.backbone))[:8]}) -> {run_dir}",
+        f"{cfg.get('label') or cfg.method.kind} ({cfg.backbone.name}, {backbone_fingerprint(plain(cfg.backbone))[:8]}) -> {run_dir}",
         metrics,
     )
 
@@ -135,6 +135,10 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``zscir-eval``: a missing launcher plugin is named with its pip line before Hydra starts."""
     check_plugins(sys.argv[1:])
+    try:
+        check_renamed_overrides(sys.argv[1:])
+    except ValueError as err:
+        raise SystemExit(f"zscir-eval: error: {err}") from None
     hydra_main()
 
 

@@ -107,8 +107,8 @@ def write_run_info(
 
     info = {
         "task": task,
-        "label": cfg.get("label") or cfg.method.name,
-        "method": cfg.method.name,
+        "label": cfg.get("label") or cfg.method.kind,
+        "method": cfg.method.kind,
         "backbone": cfg.backbone.name,
         "seed": int(cfg.seed),
         "benchmarks": benchmarks

@@ -138,7 +138,7 @@ def query(args: argparse.Namespace) -> Path:
         method = load_method(args.method, args.backbone, args.checkpoint, args.device, **options)
         source = {"method": args.method, "backbone": args.backbone, "checkpoint": args.checkpoint}
     else:
-        raise ValueError("say what retrieves: --run <zscir-train run dir>, or --method NAME --backbone NAME")
+        raise ValueError("say what retrieves: --run <zscir-train run dir>, or --method KIND --backbone NAME")
     pairs = read_queries(args.query, args.queries)
     gallery = read_gallery(args.gallery, args.gallery_list)
     out = Path(args.out).expanduser() if args.out else output_dir() / "query" / run_stamp()
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gallery-list", help="file naming the gallery images, one per line")
     m = parser.add_argument_group("what retrieves: --run, or --method with --backbone")
     m.add_argument("--run", help="a zscir-train run directory (its method, backbone and checkpoint)")
-    m.add_argument("--method", help="a method name, e.g. sum, image_only, text_only (zero-shot)")
+    m.add_argument("--method", help="a method kind, e.g. sum, image_only, text_only (zero-shot)")
     m.add_argument("--backbone", help="a backbone config name, e.g. clip_vit_l14")
     m.add_argument("--checkpoint", help="weights of --method on --backbone (a zscir checkpoint)")
     m.add_argument("--template", help="prompt template; LinCIR/CAM-TI need '$' and '{caption}' in it")

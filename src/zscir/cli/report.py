@@ -35,6 +35,7 @@ from pathlib import Path
 
 from zscir.benchmarks.base import PROTOCOLS
 from zscir.utils.io import atomic_write_bytes, atomic_write_text
+from zscir.utils.run_config import RUN_CONFIG, load_run_config
 
 #: the metrics a table shows by default, per benchmark kind (any other kind: all its metrics); under a
 #: non-official protocol the same names behind its prefix (``pli/recall@1``)
@@ -100,13 +101,13 @@ def _flatten(node: object, prefix: str = "") -> dict[str, object]:
 
 
 def _load_config(run_dir: Path) -> dict[str, object]:
-    """The run's resolved config, flattened to dotted keys (empty when it has none)."""
-    file = run_dir / "resolved_config.yaml"
-    if not file.is_file():
+    """The run's resolved config with today's keys (:func:`~zscir.utils.run_config.load_run_config`),
+    flattened to dotted keys (empty when it has none)."""
+    if not (run_dir / RUN_CONFIG).is_file():
         return {}
     from omegaconf import OmegaConf
 
-    return _flatten(OmegaConf.to_container(OmegaConf.load(file), resolve=False))
+    return _flatten(OmegaConf.to_container(load_run_config(run_dir), resolve=False))
 
 
 def collect_runs(dirs: list[str | Path]) -> list[dict]:

@@ -93,10 +93,10 @@ def wandb_settings(conf: dict, cfg: Any, run_dir: Path, benchmarks: list[str]) -
     if not conf.get("id") and not conf.get("version"):
         conf["id"] = name
     conf["name"] = conf.get("name") or conf.get("id") or conf.get("version")
-    conf["group"] = conf.get("group") or sweep_name() or cfg.get("experiment_name") or cfg.method.name
+    conf["group"] = conf.get("group") or sweep_name() or cfg.get("experiment_name") or cfg.method.kind
     conf["job_type"] = conf.get("job_type") or cfg.get("task_name")
     tags = [str(t) for t in (conf.get("tags") or [])]
-    tags += [f"method:{cfg.method.name}", f"backbone:{cfg.backbone.name}"]
+    tags += [f"method:{cfg.method.kind}", f"backbone:{cfg.backbone.name}"]
     tags += [f"benchmark:{b}" for b in benchmarks]
     conf["tags"] = [t[:64] for t in dict.fromkeys(tags)]  # W&B caps tags at 64 characters
     conf["save_dir"] = conf.get("save_dir") or str(run_dir)

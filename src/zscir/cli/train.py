@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from zscir.cli.callbacks import AtomicCheckpointIO, Preempted, reliability_callbacks
-from zscir.cli.config import CONF_DIR, check_plugins, parse_config, plain
+from zscir.cli.config import CONF_DIR, check_plugins, check_renamed_overrides, parse_config, plain
 from zscir.cli.launch import is_global_zero
 from zscir.cli.outputs import (
     metrics_after_test,
@@ -126,7 +126,7 @@ def _fit_and_test(
         best = checkpoint.best_model_path or None if ckpt_cfg.monitor else None
         evaluated = Path(best) if best else run_dir / "checkpoints" / "last.ckpt"
     else:
-        log.info("method %s has nothing to train; evaluating only", cfg.method.name)
+        log.info("method %s has nothing to train; evaluating only", cfg.method.kind)
         trainer = build_trainer(cfg, run_dir, [], loggers)
 
     metrics: dict[str, float] = {}
@@ -138,7 +138,7 @@ def _fit_and_test(
         write_examples(cfg, method, benchmarks, run_dir, loggers)
         log_wandb_summary(loggers, metrics, run_dir)
         write_run_info(run_dir, cfg, "train", metrics, evaluated, benchmark_names)
-        print_metrics(f"{cfg.get('label') or cfg.method.name} ({cfg.backbone.name}) -> {run_dir}", metrics)
+        print_metrics(f"{cfg.get('label') or cfg.method.kind} ({cfg.backbone.name}) -> {run_dir}", metrics)
     return metrics
 
 
@@ -201,6 +201,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """``zscir-train``: a missing sweeper/launcher plugin is named with its pip line before Hydra starts."""
     check_plugins(sys.argv[1:])
+    try:
+        check_renamed_overrides(sys.argv[1:])
+    except ValueError as err:
+        raise SystemExit(f"zscir-train: error: {err}") from None
     hydra_main()
 
 

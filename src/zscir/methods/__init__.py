@@ -1,14 +1,21 @@
 """Methods: LightningModules sharing one retrieval contract (:class:`RetrievalMethod`).
 
-``build_method(backbone, config)`` constructs a method by ``config["name"]``; ``METHODS`` maps each
-name to its class (imported lazily, so a method's optional dependencies load only when it is used).
+``build_method(backbone, config)`` constructs the method ``config["kind"]`` selects; ``METHODS`` maps each
+kind to its class (imported lazily, so a method's optional dependencies load only when it is used).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from zscir.methods.base import MethodConfig, OptimConfig, RetrievalMethod, parse_config
+from zscir.methods.base import (
+    MethodConfig,
+    OptimConfig,
+    RetrievalMethod,
+    check_method_keys,
+    parse_config,
+    renamed_name_message,
+)
 
 __all__ = [
     "METHODS",
@@ -16,8 +23,10 @@ __all__ = [
     "OptimConfig",
     "RetrievalMethod",
     "build_method",
+    "check_method_keys",
     "method_class",
     "parse_config",
+    "renamed_name_message",
 ]
 
 METHODS: dict[str, str] = {
@@ -34,13 +43,26 @@ METHODS: dict[str, str] = {
 }
 
 
-def method_class(name: str) -> type[RetrievalMethod]:
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    module, cls = METHODS[name].split(":")
+def method_class(kind: str) -> type[RetrievalMethod]:
+    """The class of the registered method ``kind``.
+
+    Raises:
+        KeyError: an unknown kind (the message lists the known ones).
+    """
+    if kind not in METHODS:
+        raise KeyError(f"unknown method {kind!r}; available: {', '.join(sorted(METHODS))}")
+    module, cls = METHODS[kind].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def build_method(backbone: dict, config: dict) -> RetrievalMethod:
-    """Instantiate the method named ``config["name"]`` on the backbone described by ``backbone``."""
-    return method_class(config["name"])(backbone=dict(backbone), config=dict(config))
+    """Instantiate the method ``config["kind"]`` selects on the backbone described by ``backbone``.
+
+    Raises:
+        ValueError: the config selects with ``name`` (renamed to ``kind``) or has no ``kind``.
+        KeyError: an unknown kind.
+    """
+    check_method_keys(config)
+    if "kind" not in config:
+        raise ValueError(f"the method config has no kind; select one of: {', '.join(sorted(METHODS))}")
+    return method_class(config["kind"])(backbone=dict(backbone), config=dict(config))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,10 +57,31 @@ class OptimConfig:
 
 @dataclass
 class MethodConfig:
-    """Keys every method config has; subclasses add their hyper-parameters."""
+    """Keys every method config has; subclasses add their hyper-parameters. ``kind`` selects the method
+    (a key of ``zscir.methods.METHODS``), as ``kind`` selects a backbone's or a benchmark's class."""
 
-    name: str = MISSING
+    kind: str = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def renamed_name_message(value: object) -> str:
+    """What a user who still selects a method with ``name`` is told: the key is now ``kind``."""
+    return (
+        f"method.name was renamed to method.kind (the key that selects a backbone, benchmark or method "
+        f"alike): write method.kind={value} on the command line, or {{'kind': {value!r}}} in Python, "
+        "and drop name"
+    )
+
+
+def check_method_keys(config: Mapping[str, Any]) -> None:
+    """Refuse a method config that still selects its method with ``name`` (renamed to ``kind``); without
+    this the old key would only be an unknown key, and a config without ``kind`` a missing value.
+
+    Raises:
+        ValueError: the config has ``name``; the message says to write ``kind``.
+    """
+    if "name" in config:
+        raise ValueError(renamed_name_message(config["name"]))
 
 
 def parse_config(schema: type, config: dict | Any) -> Any:
@@ -130,6 +151,7 @@ class RetrievalMethod(L.LightningModule):
     def __init__(self, backbone: dict, config: dict):
         super().__init__()
         self.save_hyperparameters()
+        check_method_keys(config)
         self.cfg = parse_config(self.Config, config)
         self.backbone_cfg = dict(backbone)
         self.encoder: Encoder = build_encoder(**self.backbone_cfg)
@@ -209,7 +231,7 @@ class RetrievalMethod(L.LightningModule):
         frozen = {n for n, p in self.named_parameters() if not p.requires_grad and n.startswith("encoder.")}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["zscir"] = {
-            "method": self.cfg.name,
+            "method": self.cfg.kind,
             "backbone": self.backbone_cfg.get("name"),
             "backbone_fingerprint": backbone_fingerprint(self.backbone_cfg),
             "omitted": sorted(frozen),
@@ -217,10 +239,10 @@ class RetrievalMethod(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("zscir", {})
-        if info.get("method", self.cfg.name) != self.cfg.name:
+        if info.get("method", self.cfg.kind) != self.cfg.kind:
             raise ValueError(
-                f"checkpoint was trained with method {info['method']!r}, not {self.cfg.name!r}: "
-                f"pass method={info['method']} (or a checkpoint of {self.cfg.name})"
+                f"checkpoint was trained with method {info['method']!r}, not {self.cfg.kind!r}: "
+                f"pass method={info['method']} (or a checkpoint of {self.cfg.kind})"
             )
         ours = backbone_fingerprint(self.backbone_cfg)
         # checkpoints written before the fingerprint used nanoseconds hold the whole-second form

@@ -68,8 +68,8 @@ def renamed_name_message(value: object) -> str:
     """What a user who still selects a method with ``name`` is told: the key is now ``kind``."""
     return (
         f"method.name was renamed to method.kind (the key that selects a backbone, benchmark or method "
-        f"alike): write method.kind={value} on the command line, or {{'kind': {value!r}}} in Python, "
-        "and drop name"
+        f"alike): write method.kind={value}, or {{'kind': {value!r}}} in Python, and drop name (on the "
+        f"command line, method={value} selects that method with its own config file)"
     )
 
 

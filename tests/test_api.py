@@ -108,6 +108,20 @@ def test_gallery_cache_follows_the_files(tmp_path):
     assert calls == [4, 4, 3]
 
 
+def test_gallery_cache_keeps_autocast_features_apart(tmp_path):
+    """Features encoded inside the caller's bf16 autocast differ from fp32 ones: each has its own entry."""
+    method = zscir.load_method("image_only", backbone="tiny", device="cpu")
+    files = [write_image(tmp_path / "g" / f"{i}.png", i) for i in range(3)]
+    cache = tmp_path / "cache"
+    fp32 = zscir.encode_gallery(method, files, cache_dir=cache, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = zscir.encode_gallery(method, files, cache_dir=cache, progress=False)
+    assert len(list(cache.glob("*.pt"))) == 2  # a miss, stored apart
+    assert not torch.equal(bf16, fp32)
+    torch.testing.assert_close(zscir.encode_gallery(method, files, cache_dir=cache, progress=False), fp32)
+    assert len(list(cache.glob("*.pt"))) == 2  # the fp32 entry again: a hit
+
+
 def test_retrieve_is_best_first_with_ties_to_the_lower_index():
     gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
     indices, scores = zscir.retrieve(torch.tensor([[1.0, 0.0]]), gallery, k=3)

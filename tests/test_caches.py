@@ -25,6 +25,8 @@ from zscir.data.synthetic import SynthConfig, generate_world
 from zscir.data.text_corpora import expand_text_sources
 from zscir.methods import build_method
 
+TINY = {"kind": "open_clip", "model": "tiny"}
+
 
 def _rewrite_keeping_stamp(path: Path, data: bytes) -> None:
     """Overwrite ``path`` with ``data`` (same length) and put its modification time back, as
@@ -89,6 +91,34 @@ def test_gallery_images_replaced_in_place_are_re_encoded(cirr_root, tmp_path):
     # unchanged files: the entry is reused again (no third entry)
     assert _eval_cirr(tmp_path, "d") == pytest.approx(second, abs=1e-9)
     assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_gallery_cache_misses_on_another_precision_transform_or_weights_and_hits_unchanged(
+    cirr_root, tmp_path
+):
+    """bf16 and fp32 features differ, and so do those of another preprocessing or other weights: each is a
+    new entry; the same config again reuses its entry."""
+    cache = tmp_path / "outputs" / "cache" / "gallery"
+    weights = tmp_path / "other_tiny.pt"  # other weights of the same architecture
+    torch.save(build_method({**TINY, "init_seed": 1}, {"name": "sum"}).encoder.model.state_dict(), weights)
+    runs = {
+        "fp32": ["trainer.precision=32-true"],
+        "bf16": ["trainer.precision=bf16-mixed"],
+        "targetpad": ["backbone.transform=targetpad"],
+        "weights": [f"backbone.checkpoint={weights}"],
+    }
+    entries: dict[str, Path] = {}
+    for run, overrides in runs.items():
+        before = set(cache.glob("*.pt"))
+        _eval_cirr(tmp_path, run, *overrides)
+        (new,) = set(cache.glob("*.pt")) - before  # a miss: encoded and stored under a key of its own
+        entries[run] = new
+    _eval_cirr(tmp_path, "fp32_again", "trainer.precision=32-true")
+    _eval_cirr(tmp_path, "bf16_again", "trainer.precision=bf16-mixed")
+    assert set(cache.glob("*.pt")) == set(entries.values())  # unchanged configs hit
+    fp32, bf16 = (torch.load(entries[r], weights_only=True)["feats"] for r in ("fp32", "bf16"))
+    assert not torch.equal(fp32, bf16)  # what a shared entry would have mixed up
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0)
 
 
 # ---- backbone weights ----------------------------------------------------------------------------------

@@ -405,3 +405,27 @@ def test_cam_grid_cli_draws_one_row_per_sample_and_refuses_other_methods(small_w
     assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50  # images and heat maps, not blank
     with pytest.raises(ValueError, match="method=cam_ti"):
         write_grid([*base, "method=sum"], 3, tmp_path / "other.png")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cam_cache_namespace_follows_the_precision_only_when_the_cams_autocast(tmp_path, autocast):
+    """With cam_autocast the maps are computed in the Trainer's (or caller's) precision: bf16 maps get their
+    own namespace; without it they are fp32 whatever the Trainer's precision, and share one."""
+    import lightning as L
+
+    from zscir.methods import build_method
+
+    method = build_method(TINY, {"name": "cam_ti", "cam_cache_dir": str(tmp_path), "cam_autocast": autocast})
+    base = method.cams.cache.root.name
+    method.use_cam_cache()
+    assert method.cams.cache.root.name == base  # unchanged: a hit
+    method.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False)
+    method.use_cam_cache()
+    assert (method.cams.cache.root.name != base) == autocast
+    other = build_method(
+        {**TINY, "transform": "targetpad"}, {"name": "cam_ti", "cam_cache_dir": str(tmp_path)}
+    )
+    assert (
+        other.cams.cache.root.name
+        != build_method(TINY, {"name": "cam_ti", "cam_cache_dir": str(tmp_path)}).cams.cache.root.name
+    )

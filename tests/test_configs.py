@@ -18,10 +18,13 @@ def test_every_group_has_configs():
         assert names, f"conf/{group}/ is empty"
 
 
+@pytest.mark.parametrize("task", ["train", "eval"])
 @pytest.mark.parametrize("experiment", GROUP_FILES["experiment"])
-def test_every_experiment_composes_and_validates(compose, experiment):
-    cfg = compose("train", [f"experiment={experiment}"])
-    validate_config(cfg, "train")
+def test_every_experiment_composes_and_validates(compose, experiment, task):
+    """zscir-eval experiment=<x> evaluates a paper experiment's (released) checkpoint: every experiment
+    composes under eval.yaml too, whatever training-only groups (data) and keys (checkpoint) it sets."""
+    cfg = compose(task, [f"experiment={experiment}"])
+    validate_config(cfg, task)
     assert cfg.experiment_name == experiment
 
 
@@ -152,3 +155,33 @@ def test_method_yamls_agree_with_their_dataclass_defaults():
             assert defaults[key] == value, (
                 f"{file.name}: {key}={value!r}, dataclass default {defaults[key]!r}"
             )
+
+
+def test_eval_of_an_experiment_ignores_its_training_settings(compose, tmp_path):
+    """zscir-eval experiment=<x> on another benchmark than the experiment's: its checkpoint.monitor (on the
+    experiment's training benchmark) and data group must not stop the evaluation, and a benchmark named on
+    the command line replaces the experiment's eval_benchmarks."""
+    from zscir.cli.evaluate import command_line_benchmark, evaluate
+
+    args = command_line_benchmark(["experiment=pli_clip_b32_imagenet", "benchmark=synthetic_circo"])
+    overrides = ["backbone=tiny", "trainer=cpu", f"paths.run_dir={tmp_path / 'run'}", *args]
+    cfg = compose("eval", overrides)
+    assert {"data", "checkpoint"} <= set(cfg)  # composed, with a monitor on eval_benchmarks[0] (now none)
+    metrics = evaluate(cfg)
+    assert "map@10" in metrics  # CIRCO's metric: the named benchmark, not the experiment's cirr
+    saved = OmegaConf.load(tmp_path / "run" / "resolved_config.yaml")
+    assert "data" not in saved
+    assert "checkpoint" not in saved
+
+
+def test_a_command_line_benchmark_wins_over_an_experiments_eval_benchmarks():
+    from zscir.cli.evaluate import command_line_benchmark
+
+    assert command_line_benchmark(["experiment=x", "benchmark=circo"])[0] == "eval_benchmarks=[]"
+    for kept in (
+        ["experiment=x", "benchmark=circo", "eval_benchmarks=[cirr]"],  # the user named both
+        ["experiment=x"],  # the experiment's benchmarks
+        ["benchmark=circo"],  # no experiment: nothing to replace
+        ["experiment=x", "benchmark.split=test"],  # a setting of the default benchmark, not a choice
+    ):
+        assert command_line_benchmark(kept) == kept

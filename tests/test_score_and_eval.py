@@ -357,3 +357,24 @@ def test_two_process_ddp_evaluation_equals_one_process(data, tmp_path):
             assert list(a["query_ids"]) == list(b["query_ids"])
             assert np.allclose(a["query_feats"], b["query_feats"], atol=1e-5)
             assert np.allclose(a["gallery_feats"], b["gallery_feats"], atol=1e-5)
+
+
+def test_genecis_tasks_of_one_method_stay_apart_in_the_report(data, tmp_path):
+    """The four GeneCIS tasks are four benchmarks: evaluated one per run (the same method, backbone and
+    seed), each reports under its own name, so zscir-report shows each task and their average instead of
+    one task's numbers written over another's."""
+    from zscir.cli.report import GENECIS_AVG, collect_runs, summarize
+
+    recall = {}
+    for task in ("focus_attribute", "change_object"):
+        run = tmp_path / "runs" / task
+        metrics = evaluate(eval_config(data, run, "benchmark=genecis", f"benchmark.task={task}"))
+        recall[task] = metrics["recall@1"]
+        info = json.loads((run / "run_info.json").read_text())
+        assert info["benchmarks"] == [f"genecis_{task}"]
+    columns, (row,) = summarize(collect_runs([tmp_path / "runs"]))
+    assert "genecis/recall@1" not in columns  # no task-less column that either task could fill
+    for task, value in recall.items():
+        assert row["mean"][f"genecis_{task}/recall@1"] == pytest.approx(value)
+    assert row["mean"][GENECIS_AVG] == pytest.approx(sum(recall.values()) / 2)
+    assert row["n"] == 1

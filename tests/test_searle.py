@@ -313,6 +313,44 @@ def test_oti_cache_namespace_follows_settings_and_backbone(small_world, tmp_path
     assert isinstance(OTICache(tmp_path, base).path("k"), Path)
 
 
+def test_oti_cache_namespace_keys_every_oti_setting_the_concept_files_and_the_precision(
+    small_world, tmp_path
+):
+    """A token depends on every OTI setting, on the vocabulary and phrase files' content and on the numeric
+    precision OTI runs in (the Trainer's, or the caller's autocast): each change is another namespace (a
+    miss); the same config again is the same namespace (a hit)."""
+    import dataclasses
+
+    import lightning as L
+
+    concepts = tmp_path / "concepts"
+    concepts.mkdir()
+    files = {k: concepts / Path(v).name for k, v in concept_config(small_world).items()}
+    for key, path in files.items():
+        path.write_bytes(Path(concept_config(small_world)[key]).read_bytes())
+
+    def method(**over):
+        cfg = {"name": "searle", **{k: str(v) for k, v in files.items()}, "oti_cache_dir": str(tmp_path)}
+        return build_method(TINY, {**cfg, **over})
+
+    base = method().oti_cache.root.name
+    assert method().oti_cache.root.name == base  # unchanged: a hit
+    for field in dataclasses.fields(OTIConfig):
+        changed = getattr(OTIConfig(), field.name) + 1
+        assert method(oti={field.name: changed}).oti_cache.root.name != base, field.name
+    searle = method()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert searle.oti_cache.root.name != base
+    assert searle.oti_cache.root.name == base  # autocast left: the fp32 namespace again
+    for precision in ("bf16-mixed", "32-true"):
+        searle.trainer = L.Trainer(precision=precision, accelerator="cpu", logger=False)
+        assert (searle.oti_cache.root.name == base) == (precision == "32-true"), precision
+    for path in files.values():  # a vocabulary or phrase file replaced (one byte more)
+        path.write_bytes(path.read_bytes() + (b"\n" if path.suffix == ".csv" else b"\0"))
+        assert method().oti_cache.root.name != base, path.name
+        base = method().oti_cache.root.name
+
+
 # ---- targetpad ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [(64, 64), (70, 60), (100, 40), (30, 90), (125, 100), (81, 64)])
 def test_targetpad_is_searles_transform(size):

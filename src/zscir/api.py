@@ -266,7 +266,7 @@ class _Images(Dataset):
 
 def gallery_cache_key(method: RetrievalMethod, files: Sequence[str | Path]) -> str:
     """The gallery cache key of image ``files`` encoded by ``method``: its backbone weights, checkpoint,
-    gallery encoder and image transform, and each file's path and :func:`~zscir.utils.io.file_stamp`
+    gallery encoder, image transform and numeric precision (the caller's autocast), and each file's path and :func:`~zscir.utils.io.file_stamp`
     (an image added, removed, replaced or touched changes it)."""
     refs = [ImageRef(str(f), Path(f).expanduser().resolve()) for f in files]
     return cache_key(
@@ -276,6 +276,7 @@ def gallery_cache_key(method: RetrievalMethod, files: Sequence[str | Path]) -> s
         gallery=[str(r.path) for r in refs],
         files=gallery_files_digest(refs),
         transform=method.encoder.transform_id,
+        precision=method.feature_precision(under_trainer=False),  # encode_gallery runs outside any Trainer
     )
 
 

@@ -119,7 +119,8 @@ class GeneCIS(Benchmark):
         coco_dir: str | None = None,
         protocol: str = "official",
     ):
-        super().__init__(root, split, name, protocol)
+        # the four tasks are four benchmarks: each one's metrics and results carry its task in the name
+        super().__init__(root, split, name or f"genecis_{task}", protocol)
         if protocol == "pli":
             self.query_rule = pli_query
         if split not in SPLITS:

@@ -169,9 +169,12 @@ _COMMON_ROOT_KEYS = {
     "visualize",
     "visualize_k",
 }
+#: training-only keys; an experiment file sets some of them, and zscir-eval accepts and ignores them there
+#: (``zscir-eval experiment=<x>`` evaluates that experiment's checkpoint)
+TRAIN_ONLY_KEYS = {"checkpoint", "data", "optimized_metric", "resume"}
 ROOT_KEYS = {
-    "train": _COMMON_ROOT_KEYS | {"checkpoint", "data", "optimized_metric", "resume"},
-    "eval": _COMMON_ROOT_KEYS | {"benchmark", "ckpt_path", "run_dir", "save_features"},
+    "train": _COMMON_ROOT_KEYS | TRAIN_ONLY_KEYS,
+    "eval": _COMMON_ROOT_KEYS | TRAIN_ONLY_KEYS | {"benchmark", "ckpt_path", "run_dir", "save_features"},
 }
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from zscir.api import load_checkpoint
 from zscir.api import run_config as load_run  # the name callers of zscir.cli.evaluate know
 from zscir.backbones import backbone_fingerprint
-from zscir.cli.config import CONF_DIR, check_plugins, check_renamed_overrides, plain
+from zscir.cli.config import CONF_DIR, TRAIN_ONLY_KEYS, check_plugins, check_renamed_overrides, plain
 from zscir.cli.outputs import (
     metrics_after_test,
     print_metrics,
@@ -63,6 +63,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         FileNotFoundError: ``run_dir`` or ``ckpt_path`` does not exist, or the run has no checkpoint.
         ValueError: an invalid config, or nothing to evaluate.
     """
+    with open_dict(cfg):  # an experiment's training settings (data, checkpoint selection) do not apply
+        for key in TRAIN_ONLY_KEYS:
+            cfg.pop(key, None)
     if cfg.get("run_dir"):
         from_run_dir(cfg)
     run = prepare_run(cfg, "eval", train_recipe=train, before_provision=refuse_existing_results)
@@ -132,6 +135,16 @@ def hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
+def command_line_benchmark(overrides: list[str]) -> list[str]:
+    """``overrides`` plus ``eval_benchmarks=[]`` when they choose an ``experiment`` and a ``benchmark`` but
+    no ``eval_benchmarks``: the benchmark named on the command line is evaluated, not the experiment's
+    training benchmarks (its ``eval_benchmarks``, which would otherwise replace ``benchmark``)."""
+    keys = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    if {"experiment", "benchmark"} <= keys and "eval_benchmarks" not in keys:
+        return ["eval_benchmarks=[]", *overrides]  # first: Hydra takes options (--cfg job) after overrides
+    return overrides
+
+
 def main() -> None:
     """``zscir-eval``: a missing launcher plugin is named with its pip line before Hydra starts."""
     check_plugins(sys.argv[1:])
@@ -139,6 +152,7 @@ def main() -> None:
         check_renamed_overrides(sys.argv[1:])
     except ValueError as err:
         raise SystemExit(f"zscir-eval: error: {err}") from None
+    sys.argv[1:] = command_line_benchmark(sys.argv[1:])
     hydra_main()
 
 

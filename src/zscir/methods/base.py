@@ -18,6 +18,7 @@ rule would score something the method never computes, so they are refused at att
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -289,6 +290,20 @@ class RetrievalMethod(L.LightningModule):
         """The attached benchmarks (:meth:`attach_benchmarks`)."""
         return self.evaluation.benchmarks
 
+    def feature_precision(self, under_trainer: bool = True) -> str:
+        """The numeric precision features are computed in, for the keys of feature caches (bf16 and fp32
+        features differ): the autocast dtype (None: off) inside the attached Trainer's forward context when
+        ``under_trainer`` and one is attached, else around the caller; and the dtype of the encoder's
+        weights (cast by ``trainer.precision=bf16-true``). Equal strings mean equal arithmetic."""
+        param = next(self.encoder.parameters(), None)
+        device = param.device.type if param is not None else "cpu"
+        context = contextlib.nullcontext()
+        if under_trainer and self._trainer is not None:
+            context = self._trainer.precision_plugin.forward_context()
+        with context:
+            autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return f"autocast {autocast}, weights {param.dtype if param is not None else None}"
+
     def gallery_key(self, benchmark: Benchmark) -> str | None:
         """Cache key of a benchmark's gallery features, or None when they must be encoded afresh
         (image-tower weights changed by training in this process)."""
@@ -300,6 +315,7 @@ class RetrievalMethod(L.LightningModule):
             encoder=type(self).encode_gallery.__qualname__,
             benchmark=benchmark.identity(),
             transform=self.encoder.transform_id,
+            precision=self.feature_precision(),
         )
 
     def val_dataloader(self) -> list[DataLoader]:

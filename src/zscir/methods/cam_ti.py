@@ -140,16 +140,26 @@ class CamTI(RetrievalMethod):
             autocast=c.cam_autocast,
             negate=c.cam_negate,
         )
-        cache = None
-        if c.cam_cache_dir:
-            namespace = cache_namespace(
-                backbone=backbone_fingerprint(self.backbone_cfg),
-                transform=self.encoder.transform_id,
-                spec=spec,
-            )
-            cache = CamCache(c.cam_cache_dir, namespace)
-        self.cams = NounCams(self.encoder, spec, cache=cache, batch_size=c.cam_batch_size)
+        self.cams = NounCams(self.encoder, spec, batch_size=c.cam_batch_size)
+        self._cam_cache_parts = dict(
+            backbone=backbone_fingerprint(self.backbone_cfg), transform=self.encoder.transform_id, spec=spec
+        )
+        self.use_cam_cache()
         self._warned_no_keys = False
+
+    def use_cam_cache(self) -> None:
+        """Point ``self.cams`` at the CAM cache of this config at the current numeric precision (none without
+        ``cam_cache_dir``). With ``cam_autocast`` the maps follow the Trainer's precision (bf16 and fp32 maps
+        differ); without it they are computed in fp32 and only the weights' dtype matters."""
+        if not self.cfg.cam_cache_dir:
+            return
+        if self.cfg.cam_autocast:
+            precision = self.feature_precision()
+        else:
+            precision = f"autocast None, weights {next(self.encoder.parameters()).dtype}"
+        namespace = cache_namespace(**self._cam_cache_parts, precision=precision)
+        if self.cams.cache is None or self.cams.cache.root.name != namespace:
+            self.cams.cache = CamCache(self.cfg.cam_cache_dir, namespace)
 
     # ---- inference ------------------------------------------------------------------------------
     def invert(self, image_features: Tensor) -> Tensor:
@@ -186,6 +196,7 @@ class CamTI(RetrievalMethod):
     def losses(self, batch: dict) -> dict[str, Tensor]:
         """All loss terms and diagnostics for one image–caption batch (what ``training_step`` optimises)."""
         c = self.cfg
+        self.use_cam_cache()  # a Trainer's precision is known only once it runs this method
         pixels = batch["pixels"]
         choices = self.choose_nouns(batch)
         ids, real_ids = self._image_ids(batch)
@@ -277,6 +288,7 @@ class CamTI(RetrievalMethod):
         c = self.cfg
         n = min(n, batch["pixels"].shape[0])
         sub = {k: v[:n] for k, v in batch.items() if k in ("pixels", "caption", "key", "index")}
+        self.use_cam_cache()
         choices = self.choose_nouns(sub)
         ids, real = self._image_ids(sub)
         rows = [i for i, ch in enumerate(choices) if ch is not None]

@@ -224,7 +224,7 @@ _HEADER = struct.Struct("<4sBII")  # magic, version, header json length, token w
 
 def cache_namespace(**parts: object) -> str:
     """A short hash of everything besides the image that decides its token (backbone weights, transform,
-    OTI settings, the concept files, the format)."""
+    OTI settings, the concept files, the numeric precision, the format)."""
     blob = json.dumps({"format": VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 

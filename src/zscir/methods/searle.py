@@ -196,17 +196,28 @@ class Searle(SearleOTI):
         self.phi = Phi(enc.embed_dim, enc.token_dim, hidden_mult=c.phi_hidden_mult, dropout=c.phi_dropout)
         if c.phi_checkpoint:
             load_phi_checkpoint(self.phi, c.phi_checkpoint)
-        self.oti_cache: OTICache | None = None
-        if c.oti_cache_dir:
-            namespace = cache_namespace(
-                backbone=backbone_fingerprint(self.backbone_cfg),
-                transform=enc.transform_id,
-                oti=c.oti,
-                concepts=[str(Path(p).expanduser().resolve()) for p in (c.vocabulary, c.phrases)],
-                concept_files=[file_stamp(Path(p).expanduser()) for p in (c.vocabulary, c.phrases)],
-            )
-            self.oti_cache = OTICache(c.oti_cache_dir, namespace)
+        #: what decides a token besides the image and the numeric precision (added at use: a Trainer's
+        #: precision is known only once it runs this method)
+        self._oti_cache_parts = dict(
+            backbone=backbone_fingerprint(self.backbone_cfg),
+            transform=enc.transform_id,
+            oti=c.oti,
+            concepts=[str(Path(p).expanduser().resolve()) for p in (c.vocabulary, c.phrases)],
+            concept_files=[file_stamp(Path(p).expanduser()) for p in (c.vocabulary, c.phrases)],
+        )
+        self._oti_cache: OTICache | None = None
         self._warned_no_keys = False
+
+    @property
+    def oti_cache(self) -> OTICache | None:
+        """The OTI-target cache of this config at the current numeric precision (None without
+        ``oti_cache_dir``): bf16 and fp32 OTI give different tokens, so each has its own namespace."""
+        if not self.cfg.oti_cache_dir:
+            return None
+        namespace = cache_namespace(**self._oti_cache_parts, precision=self.feature_precision())
+        if self._oti_cache is None or self._oti_cache.root.name != namespace:
+            self._oti_cache = OTICache(self.cfg.oti_cache_dir, namespace)
+        return self._oti_cache
 
     # ---- inference ------------------------------------------------------------------------------
     def pseudo_tokens(self, batch: dict) -> Tensor:

@@ -2,7 +2,8 @@
 
 Keyed by everything that determines the features: the backbone's weights fingerprint, the method's
 gallery encoder, the benchmark (kind, root, split, gallery ids, and each image file's size, modification
-and change time: ``Benchmark.identity``) and the image transform. A second evaluation of an unchanged
+and change time: ``Benchmark.identity``), the image transform and the numeric precision (the Trainer's
+``precision``, the weights' dtype). A second evaluation of an unchanged
 gallery loads its features instead of re-encoding; images repaired or replaced since are re-encoded.
 Entries are written atomically; an entry that fails to load, does not match its key or holds NaN/inf is
 deleted and recomputed. Non-finite features are never saved (:func:`~zscir.retrieval.search.check_finite`).

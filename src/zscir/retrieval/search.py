@@ -12,12 +12,18 @@ hash, then an exact comparison) and given the score of their first copy.
 Non-finite features are refused (:func:`check_finite`) wherever features enter a ranking or a store:
 NaN compares false with everything, so a NaN query ranks its target first (100 % recall) and a NaN
 gallery row is first in every list.
+
+On CPUs with native bfloat16 matrix units (AMX / AVX512-BF16), :func:`topk_search` over a large gallery
+first scores every item in bfloat16 (~3× faster than float32 there), keeps only the items whose float32
+score can still reach the top-k by a rigorous error bound, and scores those in float32: the result is the
+float32 ranking, not an approximation of it (see :func:`bf16_error_bound`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -95,7 +101,23 @@ def normalize(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+def row_chunks(num_rows: int, max_rows: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the fewest chunks of at most ``max_rows`` rows covering ``num_rows``, their
+    sizes differing by at most one. Even rather than ``max_rows, ..., rest`` because a BLAS product
+    rounds rows differently when a chunk has very few of them (MKL switches kernels below
+    :data:`MIN_BLAS_ROWS` rows): even chunks of at least that many rows keep every score bitwise equal
+    to the one-product result."""
+    count = -(-num_rows // max(1, max_rows))
+    bounds = [i * num_rows // count for i in range(count + 1)] if count else [0]
+    return list(itertools.pairwise(bounds))
+
+
+#: rows below which a chunk of a float32 product may round differently from the whole product (MKL)
+MIN_BLAS_ROWS = 16
+
+
 def chunk_rows(num_queries: int, num_gallery: int, budget: int = DEFAULT_BUDGET) -> int:
+    """Query rows whose similarities to ``num_gallery`` items fit in ``budget`` elements (at least 1)."""
     return max(1, min(num_queries, budget // max(1, num_gallery)))
 
 
@@ -152,6 +174,25 @@ class PreparedGallery:
 
     feats: Tensor
     duplicates: tuple[Tensor, Tensor] | None
+    #: the bfloat16 copy used by the pre-filter, made on first use (:meth:`bf16`)
+    _bf16: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def bf16(self) -> tuple[Tensor, float, float]:
+        """``(feats_bf16 [N', D], max_j ||g_j||, max_j ||g_j − bf16(g_j)||)`` for the pre-filter of
+        :func:`topk_search`, computed once per gallery: the bfloat16 features, zero rows appended up to
+        N' = a multiple of :data:`PREFILTER_GROUP`. Built in blocks, so no float32 copy is made."""
+        if not self._bf16:
+            n, d = self.feats.shape
+            padded = -(-n // PREFILTER_GROUP) * PREFILTER_GROUP
+            low = torch.zeros(padded, d, dtype=torch.bfloat16, device=self.feats.device)
+            norm, err = 0.0, 0.0
+            for start in range(0, n, 1024):  # rows per block: small temporaries, in cache
+                block = self.feats[start : start + 1024]
+                low[start : start + len(block)] = block
+                norm = max(norm, float(block.norm(dim=1).max()))
+                err = max(err, float((block - low[start : start + len(block)].float()).norm(dim=1).max()))
+            self._bf16.update(feats=low, norm=norm, err=err)
+        return self._bf16["feats"], self._bf16["norm"], self._bf16["err"]
 
     @property
     def shape(self) -> torch.Size:
@@ -193,9 +234,7 @@ def similarity_chunks(
     prepared = prepare_gallery(gallery_feats, budget, normalized)
     q = query_feats if normalized else normalize(query_feats)
     g, duplicates = prepared.feats, prepared.duplicates
-    step = chunk_rows(q.shape[0], g.shape[0], budget)
-    for start in range(0, q.shape[0], step):
-        stop = min(start + step, q.shape[0])
+    for start, stop in row_chunks(q.shape[0], chunk_rows(q.shape[0], g.shape[0], budget)):
         s = q[start:stop] @ g.T
         if duplicates is not None:
             s[:, duplicates[0]] = s[:, duplicates[1]]
@@ -210,6 +249,7 @@ def topk_search(
     exclude: Tensor | None = None,
     budget: int = DEFAULT_BUDGET,
     normalized: bool = False,
+    prefilter: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` gallery indices and cosine scores per query, best first.
 
@@ -219,37 +259,216 @@ def topk_search(
         k: results per query (at most N, or N − 1 with ``exclude``).
         exclude: optional [Q] gallery index per query to leave out (CIRR's reference image); -1 = none.
         budget: number of similarity values computed at once.
+        prefilter: score in bfloat16 first and in float32 only what can reach the top-k (same result,
+            faster where the CPU has bfloat16 matrix units; skipped when ``k > N // 64``); None = where
+            it pays (:func:`prefilter_pays`).
 
     Returns:
-        (indices [Q, k] long, scores [Q, k] float32), both on the features' device.
+        (indices [Q, k] long, scores [Q, k] float32), both on the features' device: the float32 cosine
+        ranking, ties towards the lower gallery index, with or without the pre-filter.
+
+    Raises:
+        NonFiniteFeatures: a query or gallery row holds NaN/inf.
     """
-    n = gallery_feats.shape[0]
+    check_finite(query_feats, "query")
+    prepared = prepare_gallery(gallery_feats, budget, normalized)
+    q = query_feats if normalized else normalize(query_feats)
+    n = len(prepared)
     k = min(k, n - (1 if exclude is not None else 0))
-    out_idx = torch.empty(query_feats.shape[0], k, dtype=torch.long, device=query_feats.device)
-    out_val = torch.empty(query_feats.shape[0], k, dtype=torch.float32, device=query_feats.device)
-    for start, stop, s in similarity_chunks(query_feats, gallery_feats, budget, normalized):
+    out_idx = torch.empty(q.shape[0], k, dtype=torch.long, device=q.device)
+    out_val = torch.empty(q.shape[0], k, dtype=torch.float32, device=q.device)
+    if prefilter is None:
+        prefilter = prefilter_pays(q.shape[0], n, k, q.device)
+    if prefilter and k <= n // PREFILTER_GROUP:
+        chunks = _prefiltered_chunks(q, prepared, k, exclude)
+    else:
+        chunks = ((a, b, s, None) for a, b, s in similarity_chunks(q, prepared, budget, normalized=True))
+    for start, stop, s, columns in chunks:
         if exclude is not None:
-            ex = exclude[start:stop].to(s.device)
-            rows = torch.nonzero(ex >= 0).squeeze(1)
-            s[rows, ex[rows]] = float("-inf")
-        # One extra item tells whether the k-th value is tied with an item left outside the top-k;
-        # topk chooses arbitrarily among tied items, so those rows are redone with a stable sort.
-        vals, idx = s.topk(min(k + 1, s.shape[1]), dim=1)
-        boundary = (
-            vals[:, k] >= vals[:, k - 1] if vals.shape[1] > k else s.new_zeros(len(s), dtype=torch.bool)
-        )
-        vals, idx = vals[:, :k], idx[:, :k]
-        for r in torch.nonzero(boundary).squeeze(1).tolist():
-            order = torch.sort(s[r], descending=True, stable=True).indices[:k]
-            idx[r], vals[r] = order, s[r, order]
-        # Order inside the top-k: by score, ties by index.
-        idx, perm = idx.sort(dim=1)
-        vals = vals.gather(1, perm)
-        vals, perm = vals.sort(dim=1, descending=True, stable=True)
-        out_idx[start:stop] = idx.gather(1, perm)
-        out_val[start:stop] = vals
+            _exclude(s, exclude[start:stop].to(s.device), columns)
+        out_idx[start:stop], out_val[start:stop] = _exact_topk(s, k, columns)
         del s  # free this chunk before the next one is allocated: peak memory = one chunk
     return out_idx, out_val
+
+
+def _exclude(s: Tensor, ex: Tensor, columns: Tensor | None) -> None:
+    """Set each row's excluded gallery item (``ex`` [B], -1 = none) to -inf in ``s`` [B, C], whose
+    columns are the gallery indices ``columns`` (ascending; None = every item)."""
+    rows = torch.nonzero(ex >= 0).squeeze(1)
+    if columns is None:
+        s[rows, ex[rows]] = float("-inf")
+        return
+    pos = torch.searchsorted(columns, ex[rows]).clamp(max=len(columns) - 1)
+    hit = columns[pos] == ex[rows]
+    s[rows[hit], pos[hit]] = float("-inf")
+
+
+def _exact_topk(s: Tensor, k: int, columns: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Top-``k`` of each row of ``s`` [B, C] (float32 scores of the gallery items ``columns``, ascending;
+    None = every item): ``(gallery indices [B, k], scores [B, k])``, score descending, ties towards the
+    lower gallery index."""
+    # One extra item tells whether the k-th value is tied with an item left outside the top-k;
+    # topk chooses arbitrarily among tied items, so those rows are redone with a stable sort.
+    vals, idx = s.topk(min(k + 1, s.shape[1]), dim=1)
+    boundary = vals[:, k] >= vals[:, k - 1] if vals.shape[1] > k else s.new_zeros(len(s), dtype=torch.bool)
+    vals, idx = vals[:, :k], idx[:, :k]
+    for r in torch.nonzero(boundary).squeeze(1).tolist():
+        order = torch.sort(s[r], descending=True, stable=True).indices[:k]
+        idx[r], vals[r] = order, s[r, order]
+    # Order inside the top-k: by score, ties by index (column order is gallery order).
+    idx, perm = idx.sort(dim=1)
+    vals = vals.gather(1, perm)
+    vals, perm = vals.sort(dim=1, descending=True, stable=True)
+    idx = idx.gather(1, perm)
+    return (idx if columns is None else columns[idx]), vals
+
+
+#: unit round-off of bfloat16 (8 significand bits)
+BF16_UNIT_ROUNDOFF = 2.0**-8
+#: smallest gallery the pre-filter is used on by default: below it the float32 product is cheap anyway
+PREFILTER_MIN_GALLERY = 16_384
+#: bfloat16 scores held at once by the pre-filter: at most 2**24 elements (32 MiB) and 96 query rows
+PREFILTER_BUDGET, PREFILTER_ROWS = 2**24, 96
+#: gallery items per group whose bfloat16 maximum is taken first; a group is only looked into when its
+#: maximum can reach the top-k
+PREFILTER_GROUP = 64
+#: query rows rescored in float32 at once, at most: their candidate sets are merged into one product, so
+#: fewer rows = fewer wasted products; chunks of at most 2·16 − 1 have at least 16 rows
+#: (:data:`MIN_BLAS_ROWS`, the product's own kernel) whenever the chunk they split has
+RESCORE_ROWS = 2 * MIN_BLAS_ROWS - 1
+
+
+def prefilter_pays(num_queries: int, num_gallery: int, k: int, device: torch.device | str) -> bool:
+    """Whether :func:`topk_search` pre-filters in bfloat16 by default: on a CPU with native bfloat16
+    matrix instructions (AMX or AVX512-BF16; elsewhere bfloat16 products are emulated and slower than
+    float32), for a gallery of at least :data:`PREFILTER_MIN_GALLERY` items and ``k`` at most 1/:data:`PREFILTER_GROUP` of it.
+    Not on CUDA: cuBLAS may reduce bfloat16 products in reduced precision, which the bound does not
+    cover."""
+    if (
+        torch.device(device).type != "cpu"
+        or num_gallery < PREFILTER_MIN_GALLERY
+        or k > num_gallery // PREFILTER_GROUP
+    ):
+        return False
+    cpu = torch.cpu
+    native = (
+        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    )
+    return bool(native and num_queries > 0)
+
+
+def bf16_error_bound(
+    query_feats: Tensor, gallery_norm: float, gallery_err: float, gallery_low_norm: float
+) -> Tensor:
+    """[Q] bound ``A`` such that, for every gallery item ``g``, the bfloat16 score ``ŝ`` (both sides rounded
+    to bfloat16, products accumulated in float32, the sum rounded to bfloat16) and the float32 score
+    ``s`` (a float32 matrix product, any summation order) satisfy ``|ŝ − s| ≤ A + v·|ŝ|``, with
+    ``v = 2u / (1 − 2u)`` and ``u`` = :data:`BF16_UNIT_ROUNDOFF`.
+
+    From the exact identity ``q·g − q̃·g̃ = (q − q̃)·g + q̃·(g − g̃)`` and Cauchy–Schwarz, plus the standard
+    float32 dot-product bound ``γ_D Σ|x_i y_i| ≤ γ_D ||x|| ||y||`` (Higham, *Accuracy and Stability of
+    Numerical Algorithms*, §3.1) for each of the two accumulations, and the final rounding to bfloat16
+    (taken as two half-ulps so that truncation is covered too). A safety factor of 1.01 covers the
+    float32 rounding of the norms themselves.
+
+    Args:
+        query_feats: [Q, D] float32 queries (any norm).
+        gallery_norm: max_j ||g_j||; gallery_err: max_j ||g_j − bf16(g_j)||; gallery_low_norm: an upper
+            bound of max_j ||bf16(g_j)|| (``gallery_norm + gallery_err``).
+    """
+    d = query_feats.shape[1]
+    gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
+    q_low = query_feats.bfloat16().float()
+    q_norm, q_low_norm = query_feats.norm(dim=1), q_low.norm(dim=1)
+    q_err = (query_feats - q_low).norm(dim=1)
+    rounding = q_err * gallery_norm + q_low_norm * gallery_err
+    accumulation = gamma * (q_low_norm * gallery_low_norm + q_norm * gallery_norm)
+    return 1.01 * (rounding + accumulation)
+
+
+def _at_most_bf16(x: Tensor) -> Tensor:
+    """The bfloat16 values ``≤ x`` (float32) closest to it, up to one ulp below (lowering by a full
+    relative ulp before rounding to nearest can never land above ``x``)."""
+    return (x - x.abs() * 2.0**-7 - torch.finfo(torch.float32).tiny).bfloat16()
+
+
+def _prefiltered_chunks(
+    q: Tensor, prepared: PreparedGallery, k: int, exclude: Tensor | None
+) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """Yield ``(start, stop, scores [B, C], columns [C])``: float32 scores of the gallery items ``columns``
+    (ascending) that can still be in some row's top-``k`` (or tied with its k-th item).
+
+    Every item is scored in bfloat16 (``ŝ``). With ``A``, ``v`` the bound of :func:`bf16_error_bound`, an
+    item can only reach a row's float32 top-k if ``ŝ + A + v|ŝ| ≥ L``, where ``L = t − A − v|t|`` and
+    ``t`` is any value with k items scoring ``ŝ ≥ t`` — here the k-th largest maximum of the groups of
+    :data:`PREFILTER_GROUP` items (each group maximum is a different item). Groups whose maximum passes
+    are looked into; the passing items are scored in float32, by the same matrix product as the
+    unfiltered path (bitwise the same scores), and duplicates keep the score of their first copy.
+    Requires ``k ≤ N // PREFILTER_GROUP``.
+    """
+    low, g_norm, g_err = prepared.bf16()
+    n, padded = len(prepared), low.shape[0]
+    v = 2 * BF16_UNIT_ROUNDOFF / (1 - 2 * BF16_UNIT_ROUNDOFF)
+    rows = max(1, min(PREFILTER_ROWS, PREFILTER_BUDGET // padded))
+    chunks = row_chunks(q.shape[0], rows)
+    d = q.shape[1]
+    # One scratch buffer holds a chunk's bfloat16 scores, then (once they are reduced to candidates) the
+    # gallery rows gathered for the float32 rescoring: allocating both afresh for every chunk fragments
+    # the allocator's heap (peak RSS ~100 MiB higher at N 100k), and holding both at once costs more.
+    scratch = torch.empty(
+        max((b - a for a, b in chunks), default=0) * padded * 2, dtype=torch.uint8, device=low.device
+    )
+    for start, stop in chunks:
+        qc = q[start:stop]
+        bound = bf16_error_bound(qc, g_norm, g_err, g_norm + g_err)
+        # gallery × queries (not queries × gallery): oneDNN then packs the small query block instead of
+        # re-packing the whole gallery on every call, ~2× faster; the scores are [N', B]
+        s_low = scratch[: len(qc) * padded * 2].view(torch.bfloat16).view(padded, len(qc))
+        torch.matmul(low, qc.bfloat16().T, out=s_low)
+        s_low[n:] = float("-inf")  # the padding rows
+        if exclude is not None:
+            ex = exclude[start:stop].to(s_low.device)
+            rows = torch.nonzero(ex >= 0).squeeze(1)
+            s_low[ex[rows], rows] = float("-inf")
+        groups = s_low.view(-1, PREFILTER_GROUP, len(qc))  # [N' / G, G, B]
+        group_max = groups.amax(1).T  # [B, N' / G]
+        kth = group_max.topk(k, dim=1, sorted=False).values.amin(1).float()
+        reach = kth - bound - v * kth.abs() - bound  # ŝ + v|ŝ| must reach this
+        tau = _at_most_bf16(torch.where(reach >= 0, reach / (1 + v), reach / (1 - v)))
+        row, group = torch.nonzero(group_max >= tau[:, None], as_tuple=True)
+        passing = groups[group, :, row] >= tau[row, None]  # [pairs, G]
+        pair, offset = torch.nonzero(passing, as_tuple=True)
+        cand_row, cand_item = row[pair], group[pair] * PREFILTER_GROUP + offset
+        del s_low, groups, group_max, passing
+        for a, b in row_chunks(stop - start, RESCORE_ROWS):
+            mine = (cand_row >= a) & (cand_row < b)
+            columns = _with_first_copies(torch.unique(cand_item[mine]), prepared.duplicates)
+            if scratch.numel() < len(columns) * d * 4:  # rare: more candidates than the scores took
+                scratch = torch.empty(len(columns) * d * 4, dtype=torch.uint8, device=low.device)
+            gathered = scratch[: len(columns) * d * 4].view(torch.float32).view(len(columns), d)
+            torch.index_select(prepared.feats, 0, columns, out=gathered)
+            s = qc[a:b] @ gathered.T
+            _copy_duplicate_scores(s, columns, prepared.duplicates)
+            yield start + a, start + b, s, columns
+
+
+def _with_first_copies(columns: Tensor, duplicates: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``columns`` (ascending) plus the first copy of every duplicate among them, ascending."""
+    if duplicates is None:
+        return columns
+    present = torch.isin(duplicates[0], columns)
+    return torch.unique(torch.cat([columns, duplicates[1][present]])) if bool(present.any()) else columns
+
+
+def _copy_duplicate_scores(s: Tensor, columns: Tensor, duplicates: tuple[Tensor, Tensor] | None) -> None:
+    """Give every duplicate among ``columns`` the score of its first copy (also among them) in ``s``."""
+    if duplicates is None:
+        return
+    present = torch.isin(duplicates[0], columns)
+    if bool(present.any()):
+        rows, first = duplicates[0][present], duplicates[1][present]
+        s[:, torch.searchsorted(columns, rows)] = s[:, torch.searchsorted(columns, first)]
 
 
 def target_ranks(

@@ -100,7 +100,7 @@ def test_gallery_cache_misses_on_another_precision_transform_or_weights_and_hits
     new entry; the same config again reuses its entry."""
     cache = tmp_path / "outputs" / "cache" / "gallery"
     weights = tmp_path / "other_tiny.pt"  # other weights of the same architecture
-    torch.save(build_method({**TINY, "init_seed": 1}, {"name": "sum"}).encoder.model.state_dict(), weights)
+    torch.save(build_method({**TINY, "init_seed": 1}, {"kind": "sum"}).encoder.model.state_dict(), weights)
     runs = {
         "fp32": ["trainer.precision=32-true"],
         "bf16": ["trainer.precision=bf16-mixed"],

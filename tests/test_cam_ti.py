@@ -415,7 +415,7 @@ def test_cam_cache_namespace_follows_the_precision_only_when_the_cams_autocast(t
 
     from zscir.methods import build_method
 
-    method = build_method(TINY, {"name": "cam_ti", "cam_cache_dir": str(tmp_path), "cam_autocast": autocast})
+    method = build_method(TINY, {"kind": "cam_ti", "cam_cache_dir": str(tmp_path), "cam_autocast": autocast})
     base = method.cams.cache.root.name
     method.use_cam_cache()
     assert method.cams.cache.root.name == base  # unchanged: a hit
@@ -423,9 +423,9 @@ def test_cam_cache_namespace_follows_the_precision_only_when_the_cams_autocast(t
     method.use_cam_cache()
     assert (method.cams.cache.root.name != base) == autocast
     other = build_method(
-        {**TINY, "transform": "targetpad"}, {"name": "cam_ti", "cam_cache_dir": str(tmp_path)}
+        {**TINY, "transform": "targetpad"}, {"kind": "cam_ti", "cam_cache_dir": str(tmp_path)}
     )
     assert (
         other.cams.cache.root.name
-        != build_method(TINY, {"name": "cam_ti", "cam_cache_dir": str(tmp_path)}).cams.cache.root.name
+        != build_method(TINY, {"kind": "cam_ti", "cam_cache_dir": str(tmp_path)}).cams.cache.root.name
     )

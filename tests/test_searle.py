@@ -330,7 +330,7 @@ def test_oti_cache_namespace_keys_every_oti_setting_the_concept_files_and_the_pr
         path.write_bytes(Path(concept_config(small_world)[key]).read_bytes())
 
     def method(**over):
-        cfg = {"name": "searle", **{k: str(v) for k, v in files.items()}, "oti_cache_dir": str(tmp_path)}
+        cfg = {"kind": "searle", **{k: str(v) for k, v in files.items()}, "oti_cache_dir": str(tmp_path)}
         return build_method(TINY, {**cfg, **over})
 
     base = method().oti_cache.root.name

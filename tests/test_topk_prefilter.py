@@ -125,7 +125,9 @@ def test_prefilter_is_used_only_where_it_pays():
     assert not prefilter_pays(100, 123_403, 5000, "cpu")  # k too large for the groups
     assert not prefilter_pays(100, 123_403, 50, "cuda")  # cuBLAS may reduce bf16 in reduced precision
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert prefilter_pays(100, 123_403, 50, "cpu") == native
+    assert prefilter_pays(800, 123_403, 50, "cpu") == native
+    assert not prefilter_pays(100, 123_403, 50, "cpu")  # few queries: the bfloat16 copy would not pay
+    assert prefilter_pays(100, 123_403, 50, "cpu", copy_made=True) == native
 
 
 def test_a_forced_prefilter_with_k_too_large_for_the_groups_still_ranks_exactly():

@@ -278,7 +278,7 @@ def topk_search(
     out_idx = torch.empty(q.shape[0], k, dtype=torch.long, device=q.device)
     out_val = torch.empty(q.shape[0], k, dtype=torch.float32, device=q.device)
     if prefilter is None:
-        prefilter = prefilter_pays(q.shape[0], n, k, q.device)
+        prefilter = prefilter_pays(q.shape[0], n, k, q.device, copy_made=bool(prepared._bf16))
     if prefilter and k <= n // PREFILTER_GROUP:
         chunks = _prefiltered_chunks(q, prepared, k, exclude)
     else:
@@ -327,6 +327,8 @@ def _exact_topk(s: Tensor, k: int, columns: Tensor | None = None) -> tuple[Tenso
 BF16_UNIT_ROUNDOFF = 2.0**-8
 #: smallest gallery the pre-filter is used on by default: below it the float32 product is cheap anyway
 PREFILTER_MIN_GALLERY = 16_384
+#: fewest queries for which the pre-filter makes a gallery's bfloat16 copy by default
+PREFILTER_MIN_QUERIES = 256
 #: bfloat16 scores held at once by the pre-filter: at most 2**24 elements (32 MiB) and 96 query rows
 PREFILTER_BUDGET, PREFILTER_ROWS = 2**24, 96
 #: gallery items per group whose bfloat16 maximum is taken first; a group is only looked into when its
@@ -338,24 +340,26 @@ PREFILTER_GROUP = 64
 RESCORE_ROWS = 2 * MIN_BLAS_ROWS - 1
 
 
-def prefilter_pays(num_queries: int, num_gallery: int, k: int, device: torch.device | str) -> bool:
+def prefilter_pays(
+    num_queries: int, num_gallery: int, k: int, device: torch.device | str, copy_made: bool = False
+) -> bool:
     """Whether :func:`topk_search` pre-filters in bfloat16 by default: on a CPU with native bfloat16
     matrix instructions (AMX or AVX512-BF16; elsewhere bfloat16 products are emulated and slower than
-    float32), for a gallery of at least :data:`PREFILTER_MIN_GALLERY` items and ``k`` at most 1/:data:`PREFILTER_GROUP` of it.
-    Not on CUDA: cuBLAS may reduce bfloat16 products in reduced precision, which the bound does not
-    cover."""
-    if (
-        torch.device(device).type != "cpu"
-        or num_gallery < PREFILTER_MIN_GALLERY
-        or k > num_gallery // PREFILTER_GROUP
-    ):
+    float32), for a gallery of at least :data:`PREFILTER_MIN_GALLERY` items, ``k`` at most
+    1/:data:`PREFILTER_GROUP` of it, and either :data:`PREFILTER_MIN_QUERIES` queries or a gallery whose
+    bfloat16 copy is already made (``copy_made``; making it costs about what pre-filtering saves on
+    ~300 queries). Not on CUDA: cuBLAS may reduce bfloat16 products in reduced precision, which the
+    bound does not cover."""
+    if torch.device(device).type != "cpu" or num_gallery < PREFILTER_MIN_GALLERY:
+        return False
+    if k > num_gallery // PREFILTER_GROUP or (num_queries < PREFILTER_MIN_QUERIES and not copy_made):
         return False
     cpu = torch.cpu
     native = (
         getattr(cpu, "_is_amx_tile_supported", lambda: False)()
         or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
     )
-    return bool(native and num_queries > 0)
+    return bool(native)
 
 
 def bf16_error_bound(

@@ -173,7 +173,9 @@ def test_score_refuses_a_nan_genecis_candidate_and_writes_no_metrics(data, tmp_p
     with pytest.raises(NonFiniteFeatures) as err:
         score("genecis", data / "GeneCIS", "val", tmp_path / "f.npz", tmp_path / "out", task="focus_object")
     candidate = bench.queries[1].candidate_ids[2]
-    assert f"1 of 12 genecis candidate feature rows hold NaN/inf (ids ['1/{candidate}'])" in str(err.value)
+    assert f"1 of 12 genecis_focus_object candidate feature rows hold NaN/inf (ids ['1/{candidate}'])" in str(
+        err.value
+    )
     assert "likely cause" in str(err.value)
     assert results_in(tmp_path / "out") == []
 

@@ -110,3 +110,16 @@ def test_gpu_bench_code_runs_on_the_tiny_clip_on_cpu():
     assert rows["gpu_pli_bf16"]["flops_per_step"] > 0
     assert rows["gpu_pli_bf16"]["mfu"] is None  # no known peak for a CPU
     assert rows["gpu_lincir"]["ours_peak_mib"] is None  # no GPU memory counter on a CPU
+
+
+def test_drift_between_two_runs_names_the_rows_outside_the_tolerance():
+    def r(ratio):
+        return {"ratio": ratio, "ours": 1.0, "baseline": ratio, "unit": "s", "higher_is_better": False}
+
+    previous = {"a": r(2.0), "b": r(10.0), "c": r(None), "gone": r(3.0)}
+    now = {"a": r(2.2), "b": r(8.0), "c": r(1.0), "new": r(4.0)}
+    assert run_all.drift(now, previous) == pytest.approx({"a": 0.1, "b": -0.2})  # c, gone, new: no pair
+    lines = "\n".join(run_all._reproducibility(now, previous))
+    assert "2 ratios compared; 1 within ±15% of the previous run; outside: b." in lines
+    assert "| b | 10 | 8 | **-20.0%** |" in lines
+    assert "| a | 2 | 2.2 | +10.0% |" in lines

@@ -6,6 +6,7 @@ against zscir's own alternatives, then ``experiments/bench/results.json`` and
     python -m experiments.bench.run_all --quick    # tiny sizes (the smoke test)
     python -m experiments.bench.run_all --only topk scoring
     python -m experiments.bench.run_all --strict   # refuse to write results measured under contention
+    python -m experiments.bench.run_all --compare previous/results.json   # ratio drift vs an earlier run
 
 How each row is measured (pinned threads, order-swapped rounds, median/min/max, load check, full
 equality of both sides' results): ``experiments/bench/common.py``.
@@ -101,17 +102,52 @@ def run(
     out_dir: Path = HERE,
     threads: int = 1,
     strict: bool = False,
+    previous: dict | None = None,
 ) -> dict:
-    """Run the benches, write ``results.json`` and ``RESULTS.md`` under ``out_dir``.
+    """Run the benches, write ``results.json`` and ``RESULTS.md`` under ``out_dir``; with ``previous``
+    (an earlier run's ``results.json``), RESULTS.md gets each ratio's drift from it.
 
     Raises:
         RuntimeError: ``strict`` and a row was measured under contention (nothing is written).
     """
     with pinned_threads(threads):
-        return _run(only, quick, out_dir, strict)
+        return _run(only, quick, out_dir, strict, previous)
 
 
-def _run(only: list[str] | None, quick: bool, out_dir: Path, strict: bool) -> dict:
+#: two runs of the same commit agree when every ratio is within this fraction of the other run's
+REPRODUCIBLE = 0.15
+
+
+def drift(results: dict, previous: dict) -> dict[str, float]:
+    """Row -> relative difference of its ratio from ``previous``'s (``this / previous − 1``), for the
+    rows both runs measured."""
+    return {
+        name: r["ratio"] / previous[name]["ratio"] - 1
+        for name, r in results.items()
+        if r.get("ratio") and (previous.get(name) or {}).get("ratio")
+    }
+
+
+def _reproducibility(results: dict, previous: dict) -> list[str]:
+    d = drift(results, previous)
+    off = {k: v for k, v in d.items() if abs(v) > REPRODUCIBLE}
+    lines = [
+        "",
+        "## Reproducibility: this run vs the previous one",
+        "",
+        f"{len(d)} ratios compared; {len(d) - len(off)} within ±{REPRODUCIBLE:.0%} of the previous run"
+        + (f"; outside: {', '.join(off)}." if off else "."),
+        "",
+        "| name | previous ratio | this ratio | drift |",
+        "|---|---|---|---|",
+    ]
+    for name, v in d.items():
+        mark = f"**{v:+.1%}**" if name in off else f"{v:+.1%}"
+        lines.append(f"| {name} | {previous[name]['ratio']:.3g} | {results[name]['ratio']:.3g} | {mark} |")
+    return lines
+
+
+def _run(only: list[str] | None, quick: bool, out_dir: Path, strict: bool, previous: dict | None) -> dict:
     results: dict[str, dict] = {}
     for name, (module, full, small) in {**BENCHES, **GPU_BENCHES}.items():
         if only and name not in only:
@@ -135,7 +171,10 @@ def _run(only: list[str] | None, quick: bool, out_dir: Path, strict: bool) -> di
         )
     info = machine()  # inside the pinned block: records the thread count the rows ran under
     atomic_write_json(out_dir / "results.json", results)
-    atomic_write_text(out_dir / "RESULTS.md", render(results, info, quick))
+    report = render(results, info, quick)
+    if previous:
+        report += "\n".join(_reproducibility(results, previous)) + "\n"
+    atomic_write_text(out_dir / "RESULTS.md", report)
     return results
 
 
@@ -226,9 +265,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every row")
     parser.add_argument("--strict", action="store_true", help="refuse to write results from a busy machine")
+    parser.add_argument("--compare", type=Path, help="an earlier results.json: report each ratio's drift")
     args = parser.parse_args()
+    previous = json.loads(args.compare.read_text()) if args.compare else None
     try:
-        results = run(args.only, args.quick, args.out, args.threads, args.strict)
+        results = run(args.only, args.quick, args.out, args.threads, args.strict, previous)
     except RuntimeError as err:
         sys.exit(str(err))
     print(json.dumps({k: round(v["ratio"], 2) if v["ratio"] else None for k, v in results.items()}, indent=1))

@@ -89,6 +89,8 @@ TARGETS = {
     "cam_batch": 1.3,
     "cam_cache": 3.0,
     "framework_overhead": 0.9,
+    "oti_batched": 5.0,
+    "oti_cache": 20.0,
     "gpu_pli_step": 1.0,
     "gpu_pli_bf16": 2.5,
     "gpu_cam_batch": 1.0,

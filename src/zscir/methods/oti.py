@@ -178,15 +178,19 @@ def optimise_tokens(
         init.append(torch.randn(encoder.token_dim, generator=g) * cfg.init_std)
         template_idx.append(torch.randint(len(TEMPLATES), (cfg.steps,), generator=g))
         phrase_idx.append(torch.randint(len(pool), (cfg.steps,), generator=g))
-    # the distinct phrases of the batch, tokenised and (originals) encoded once
+    if cfg.steps == 0:  # nothing drawn, nothing to encode: the initial tokens
+        return torch.stack(init).to(device)
+    # the distinct phrases the batch draws (not its whole pools: an image's pool holds hundreds of phrases,
+    # of which it draws at most ``steps``), tokenised and (originals) encoded once
     index: dict[tuple[str, str], int] = {}
-    for pool in phrase_pools:
-        for pair in pool:
-            index.setdefault(pair, len(index))
-    pairs = list(index)
     rows = torch.tensor(
-        [[index[pool[j]] for j in idx.tolist()] for pool, idx in zip(phrase_pools, phrase_idx)]
-    )
+        [
+            [index.setdefault(pool[j], len(index)) for j in idx.tolist()]
+            for pool, idx in zip(phrase_pools, phrase_idx)
+        ],
+        dtype=torch.long,
+    ).view(b, cfg.steps)
+    pairs = list(index)
     with torch.inference_mode(False), torch.enable_grad():  # inside evaluation too
         rows = rows.to(device)  # [B, steps]: row of the phrase each image uses at each step
         template_ids = encoder.tokenize([t.format(SLOT) for t in TEMPLATES]).to(device)
@@ -200,9 +204,18 @@ def optimise_tokens(
         template_idx = torch.stack(template_idx).to(device)
         lam = cfg.lambda_cos + cfg.lambda_gpt
         for step in range(cfg.steps):
-            ids = torch.cat([template_ids[template_idx[:, step]], slotted_ids[rows[:, step]]])
-            feats = encoder.encode_text_with_pseudo(ids, torch.cat([token, token]), occurrences="first")
-            cos, gpt = oti_loss_terms(feats[:b], image, feats[b:], originals[rows[:, step]])
+            row = rows[:, step]
+            prompts = (template_ids[template_idx[:, step]], slotted_ids[row])
+            if b > 1:  # two passes, each trimmed to its own longest row: one would pad the short templates
+                # to the phrases' length (a third of the work); for one image a pass costs more than that
+                feats = torch.cat(
+                    [encoder.encode_text_with_pseudo(p, token, occurrences="first") for p in prompts]
+                )
+            else:
+                feats = encoder.encode_text_with_pseudo(
+                    torch.cat(prompts), token.repeat(2, 1), occurrences="first"
+                )
+            cos, gpt = oti_loss_terms(feats[:b], image, feats[b:], originals[row])
             loss = (cfg.lambda_cos * cos + cfg.lambda_gpt * gpt) / lam
             # the token's gradient only: no weight gradients are computed or accumulated, trainable or not
             (token.grad,) = torch.autograd.grad(loss.sum(), token)

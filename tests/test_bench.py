@@ -1,6 +1,7 @@
 """Each bench script runs end to end on tiny sizes and writes well-formed results (no timing assertions)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -123,3 +124,15 @@ def test_drift_between_two_runs_names_the_rows_outside_the_tolerance():
     assert "2 ratios compared; 1 within ±15% of the previous run; outside: b." in lines
     assert "| b | 10 | 8 | **-20.0%** |" in lines
     assert "| a | 2 | 2.2 | +10.0% |" in lines
+
+
+def test_compare_repeats_a_cheap_side_and_reports_its_mean():
+    calls = []
+
+    def ours():
+        calls.append("o")
+        time.sleep(0.02)
+
+    timing = compare(ours, lambda: calls.append("b"), reps=2, warmup=1, ours_repeat=3)
+    assert calls == ["o", "b", "o", "o", "o", "b", "b", "o", "o", "o"]  # warm-up once, then o×3 b | b o×3
+    assert 0.02 <= timing["ours"]["min"] <= timing["ours"]["max"] < 0.05  # a per-call mean, not 3 calls' 0.06

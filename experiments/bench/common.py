@@ -103,9 +103,12 @@ def compare(
     reps: int = 5,
     warmup: int = 1,
     busy: int | None = None,
+    ours_repeat: int = 1,
 ) -> dict:
     """Time both sides in alternating, order-swapped rounds. ``busy``: cores the measured code keeps
-    busy itself (e.g. threads + a loader worker), for the load check.
+    busy itself (e.g. threads + a loader worker), for the load check. ``ours_repeat``: in each round,
+    ours runs that many times and its time is their mean — for a side of a few milliseconds (a cache
+    hit), whose single calls scatter by ±30 % and would make the ratio irreproducible.
 
     Returns:
         ``{"ours": {median, min, max}, "baseline": {...}, "load": [before, after], "contended": bool,
@@ -117,11 +120,13 @@ def compare(
         baseline()
     times: dict[str, list[float]] = {"ours": [], "baseline": []}
     sides = (("ours", ours), ("baseline", baseline))
+    calls = {"ours": ours_repeat, "baseline": 1}
     for i in range(reps):
         for name, fn in sides if i % 2 == 0 else sides[::-1]:
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls[name]):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls[name])
     load_after = load_now()
     return {
         **{name: spread(t) for name, t in times.items()},

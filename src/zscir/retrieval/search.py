@@ -431,10 +431,8 @@ def _prefiltered_chunks(
         s_low = scratch[: len(qc) * padded * 2].view(torch.bfloat16).view(padded, len(qc))
         torch.matmul(low, qc.bfloat16().T, out=s_low)
         s_low[n:] = float("-inf")  # the padding rows
-        if exclude is not None:
-            ex = exclude[start:stop].to(s_low.device)
-            rows = torch.nonzero(ex >= 0).squeeze(1)
-            s_low[ex[rows], rows] = float("-inf")
+        if exclude is not None:  # through the [B, N'] view: the same helper as the float32 scores
+            _exclude(s_low.T, exclude[start:stop].to(s_low.device), None)
         groups = s_low.view(-1, PREFILTER_GROUP, len(qc))  # [N' / G, G, B]
         group_max = groups.amax(1).T  # [B, N' / G]
         kth = group_max.topk(k, dim=1, sorted=False).values.amin(1).float()
